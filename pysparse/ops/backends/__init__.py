@@ -1,0 +1,68 @@
+"""Backend registry and selection.
+
+Every op has the pure-torch ``reference`` registered as its CompositeExplicitAutograd kernel, so
+it runs on any device; device backends register on top (``cpu`` = pysparse._C C++ kernels;
+``cuda`` / ``triton`` arrive with the GPU kernels). ``PYSPARSE_BACKEND=<name>`` forces one
+(``reference`` makes every op take the reference path; forcing a backend that cannot run raises).
+"""
+import os
+
+import torch
+
+from .. import reference
+
+NAMES = ("cpu", "cuda", "triton", "reference")
+ENV = "PYSPARSE_BACKEND"
+
+
+def forced() -> str | None:
+    """The backend named by PYSPARSE_BACKEND, validated; None when unset or 'auto'."""
+    name = os.environ.get(ENV, "").strip().lower()
+    if name in ("", "auto"):
+        return None
+    if name not in NAMES:
+        raise ValueError(f"pysparse: {ENV}={name!r} is not a backend; choose one of "
+                         f"{', '.join(NAMES)} or auto")
+    return name
+
+
+def availability() -> dict:
+    """{backend: (usable, reason)} for this process and machine."""
+    from . import cpu
+    out = {"cpu": cpu.status()}
+    has_cuda = torch.cuda.is_available()
+    out["cuda"] = (False, "no CUDA kernels in this build (pysparse._C_cuda not built)"
+                   if has_cuda else "torch has no CUDA device here")
+    out["triton"] = (False, "no Triton kernels registered yet" if has_cuda
+                     else "Triton kernels need a CUDA device")
+    out["reference"] = (True, "pure torch, any device")
+    return out
+
+
+def check_usable(name: str | None, device: torch.device) -> None:
+    """Raise a clear error when backend ``name`` cannot run tensors on ``device``."""
+    if name is None or name == "reference":
+        return
+    if name not in NAMES:
+        raise ValueError(f"pysparse: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    ok, why = availability()[name]
+    if not ok:
+        raise RuntimeError(f"pysparse: backend {name!r} is not usable: {why}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"pysparse: backend 'cpu' cannot run tensors on {device}")
+
+
+_registered = False
+
+
+def register_all() -> None:
+    global _registered
+    if _registered:
+        return
+    for op in ("quantize_per_token", "int8_linear", "sparse24_linear", "sparse24_int8_linear",
+               "attention"):
+        torch.library.impl(f"pysparse::{op}", "CompositeExplicitAutograd",
+                           getattr(reference, op))
+    from . import cpu
+    cpu.register()
+    _registered = True

@@ -1,0 +1,93 @@
+"""CPU backend: the C++ kernels in pysparse._C (run-time ISA dispatch inside).
+
+Registered as the ``CPU`` kernel of each op it implements. Falls back to the reference when the
+extension is missing, when ``PYSPARSE_BACKEND=reference``, or for dtypes the kernels do not take
+(float16). ``sparse24_*`` run a decompress + dense path until the 2:4 CPU kernels land.
+"""
+import importlib
+
+import torch
+
+from .. import checks, reference
+from ...formats import sparse24 as _sp24
+
+try:
+    _C = importlib.import_module("pysparse._C")
+    _LOAD_ERROR = None
+except Exception as exc:  # noqa: BLE001 - any import failure means: no native kernels
+    _C = None
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def status():
+    if _C is None:
+        return False, f"pysparse._C did not load ({_LOAD_ERROR}); rebuild with `pip install -e .`"
+    info = _C.info()
+    why = f"C++ kernels, ISA {info['active_isa']}"
+    if info["active_isa"] != info["detected_isa"]:
+        why += f" (capped by PYSPARSE_CPU_ISA; CPU supports {info['detected_isa']})"
+    if info["isa_error"]:
+        why += f"; note: {info['isa_error']}"
+    return True, why
+
+
+def native_ok(x) -> bool:
+    from . import forced
+    f = forced()
+    if f is not None and f != "cpu":
+        return False
+    return _C is not None and x.dtype in _NATIVE_DTYPES
+
+
+def _as_fp32(t):
+    return None if t is None else t.float().contiguous()
+
+
+def quantize_per_token(x):
+    if not native_ok(x) or x.dim() < 1 or x.numel() == 0:
+        return reference.quantize_per_token(x)
+    checks.tensor("quantize_per_token", "x", x, checks.FLOAT_DTYPES)
+    K = x.shape[-1]
+    q, s = _C.quantize_per_token(x.reshape(-1, K).contiguous())
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def int8_linear(x, w_q, w_scale, bias=None):
+    if not native_ok(x):
+        return reference.int8_linear(x, w_q, w_scale, bias)
+    checks.tensor("int8_linear", "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.int8_weight("int8_linear", w_q, w_scale, x.device)
+    checks.activation("int8_linear", x, K)
+    checks.bias("int8_linear", bias, N, x.device)
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], N))
+    y = _C.int8_linear(x2.contiguous(), w_q, _as_fp32(w_scale), _as_fp32(bias))
+    return y.reshape(*x.shape[:-1], N)
+
+
+def sparse24_linear(x, values, meta, bias=None):
+    if not native_ok(x):
+        return reference.sparse24_linear(x, values, meta, bias)
+    checks.tensor("sparse24_linear", "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.sparse24_weight("sparse24_linear", values, meta, x.device, checks.FLOAT_DTYPES)
+    checks.activation("sparse24_linear", x, K)
+    checks.bias("sparse24_linear", bias, N, x.device)
+    w = _sp24.decompress(values, meta).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def sparse24_int8_linear(x, values_q, meta, w_scale, bias=None):
+    if not native_ok(x):
+        return reference.sparse24_int8_linear(x, values_q, meta, w_scale, bias)
+    op = "sparse24_int8_linear"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    checks.sparse24_weight(op, values_q, meta, x.device, (torch.int8,))
+    return int8_linear(x, _sp24.decompress(values_q, meta), w_scale, bias)
+
+
+def register():
+    for op in ("quantize_per_token", "int8_linear", "sparse24_linear", "sparse24_int8_linear"):
+        torch.library.impl(f"pysparse::{op}", "CPU", globals()[op])

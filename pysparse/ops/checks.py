@@ -1,0 +1,74 @@
+"""Argument checks shared by every backend: one place, op-prefixed messages.
+
+Errors are ValueError (bad values/shapes/dtypes) or TypeError (not a tensor), never a crash in a
+kernel. ``x`` may have any strides (it is made contiguous); packed weights must be contiguous.
+"""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(op, msg):
+    raise ValueError(f"pysparse.{op}: {msg}")
+
+
+def tensor(op, name, t, dtypes=None, ndim=None, device=None, contiguous=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"pysparse.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        _fail(op, f"{name} must have dtype {want}, got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        _fail(op, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        _fail(op, f"{name} is on {t.device} but x is on {device}; move all arguments to one device")
+    if contiguous and not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous (call .contiguous() when packing weights)")
+
+
+def activation(op, x, K):
+    tensor(op, "x", x, FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != K:
+        _fail(op, f"x must have shape [..., {K}] to match the weight, got {tuple(x.shape)}")
+
+
+def bias(op, b, N, device):
+    if b is None:
+        return
+    tensor(op, "bias", b, FLOAT_DTYPES, ndim=1, device=device)
+    if b.shape[0] != N:
+        _fail(op, f"bias must have shape [{N}], got {tuple(b.shape)}")
+
+
+def int8_weight(op, w_q, w_scale, device):
+    tensor(op, "w_q", w_q, (torch.int8,), ndim=2, device=device, contiguous=True)
+    N, K = w_q.shape
+    if K < 1 or N < 1:
+        _fail(op, f"w_q must be non-empty, got shape {tuple(w_q.shape)}")
+    tensor(op, "w_scale", w_scale, FLOAT_DTYPES, ndim=1, device=device)
+    if w_scale.shape[0] != N:
+        _fail(op, f"w_scale must have shape [{N}] (one scale per output channel), "
+                  f"got {tuple(w_scale.shape)}")
+    return N, K
+
+
+def sparse24_weight(op, values, meta, device, value_dtypes):
+    tensor(op, "values", values, value_dtypes, ndim=2, device=device, contiguous=True)
+    tensor(op, "meta", meta, (torch.uint8,), ndim=2, device=device, contiguous=True)
+    N, half = values.shape
+    K = 2 * half
+    if N < 1 or K < 4 or K % 4:
+        _fail(op, f"values must be [N, K/2] with K a positive multiple of 4, got {tuple(values.shape)}")
+    if tuple(meta.shape) != (N, (K + 7) // 8):
+        _fail(op, f"meta must have shape [{N}, {(K + 7) // 8}] for values {tuple(values.shape)}, "
+                  f"got {tuple(meta.shape)}")
+    return N, K
+
+
+def finite_rows(op, amax):
+    """amax: per-row max |x|; NaN/Inf anywhere in a row makes it non-finite."""
+    bad = ~torch.isfinite(amax)
+    if bool(bad.any()):
+        row = int(bad.reshape(-1).nonzero()[0])
+        _fail(op, f"x contains NaN or Inf (first at token row {row}); int8 quantization of "
+                  "non-finite activations is undefined")

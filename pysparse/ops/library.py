@@ -1,0 +1,64 @@
+"""Every pysparse op schema, each with its fake (meta) implementation right below it.
+
+Backends (``pysparse/ops/backends/``) only implement; the reference in ``reference.py`` defines
+the semantics. Shapes: ``x`` is ``[..., K]``; weights are ``[N, K]`` in the formats of
+DESIGN.md; outputs have ``x``'s dtype and shape ``[..., N]``.
+"""
+import torch
+
+NAMESPACE = "pysparse"
+OPS = ("quantize_per_token", "int8_linear", "sparse24_linear", "sparse24_int8_linear",
+       "attention")
+
+# x [..., K] float -> q int8 [..., K], scale fp32 [...]:  x ≈ q * scale[..., None]
+torch.library.define("pysparse::quantize_per_token", "(Tensor x) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("pysparse::quantize_per_token")
+def _(x):
+    return (torch.empty_like(x, dtype=torch.int8, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+# W8A8: x [..., K] fp32/bf16/fp16, w_q int8 [N, K], w_scale fp32 [N], bias [N] -> [..., N]
+torch.library.define("pysparse::int8_linear",
+                     "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("pysparse::int8_linear")
+def _(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+# 2:4 sparse: values [N, K/2] (x's float dtype), meta uint8 [N, ceil(K/8)]
+torch.library.define("pysparse::sparse24_linear",
+                     "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("pysparse::sparse24_linear")
+def _(x, values, meta, bias):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+# 2:4 + W8A8: values_q int8 [N, K/2], meta uint8 [N, ceil(K/8)], w_scale fp32 [N]
+torch.library.define(
+    "pysparse::sparse24_int8_linear",
+    "(Tensor x, Tensor values_q, Tensor meta, Tensor w_scale, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("pysparse::sparse24_int8_linear")
+def _(x, values_q, meta, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], values_q.shape[0]))
+
+
+# q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (Hq % Hkv == 0); mask bool (True = keep) or additive,
+# broadcastable to [B, Hq, Sq, Sk]; causal is aligned bottom-right; -> [B, Hq, Sq, D]
+torch.library.define(
+    "pysparse::attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? mask=None, bool causal=False, float? scale=None)"
+    " -> Tensor")
+
+
+@torch.library.register_fake("pysparse::attention")
+def _(q, k, v, mask=None, causal=False, scale=None):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

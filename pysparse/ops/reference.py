@@ -1,0 +1,142 @@
+"""Pure-torch reference for every pysparse op: the definition of its semantics.
+
+These functions are the tests' oracle, the default backend on any device, and the docs'
+definition. They favour clarity and exactness over speed: integer products are accumulated in
+float64, which is exact for int8 x int8 sums while K < 2**53 / 127**2 (~5.6e11).
+"""
+import math
+
+import torch
+
+from ..formats import int8 as _int8
+from ..formats import sparse24 as _sp24
+from . import checks
+
+
+def quantize_per_token(x: torch.Tensor):
+    """x [..., K] float -> (q int8 [..., K], scale fp32 [...]), symmetric per token (row).
+
+    ``scale = max(amax, 1e-12) / 127``, ``q = clamp(round_half_even(x / scale), -127, 127)``,
+    with amax = max |x| over the row in fp32. NaN/Inf in x raise ValueError.
+    """
+    checks.tensor("quantize_per_token", "x", x, checks.FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"pysparse.quantize_per_token: x must be [..., K] with K >= 1, got "
+                         f"{tuple(x.shape)}")
+    return _quantize("quantize_per_token", x)
+
+
+def _quantize(op, x):
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1) if x.numel() else xf.new_zeros(x.shape[:-1])
+    checks.finite_rows(op, amax)
+    scale = _int8.symmetric_scale(amax)
+    return _int8.quantize_rows(xf, scale), scale
+
+
+def _int_mm(a_q, b_q):
+    """Exact int32 a_q [M, K] @ b_q[N, K]^T."""
+    return (a_q.double() @ b_q.double().T).to(torch.int32)
+
+
+def _epilogue(acc, x_scale, w_scale, bias, shape, dtype):
+    y = acc.float() * x_scale.reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype).reshape(*shape[:-1], -1)
+
+
+def _quantized_linear(op, x, w_q_dense, w_scale, bias):
+    N, K = w_q_dense.shape
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], N))
+    xq, xs = _quantize(op, x2)
+    return _epilogue(_int_mm(xq, w_q_dense), xs, w_scale, bias, x.shape, x.dtype)
+
+
+def int8_linear(x, w_q, w_scale, bias=None):
+    """W8A8 linear, activations quantized dynamically per token.
+
+    x [..., K] fp32/bf16/fp16; w_q int8 [N, K]; w_scale [N] (fp32 preferred); bias [N] or None.
+    y = (xq @ w_q.T as exact int32) * x_scale[:, None] * w_scale[None, :] + bias, computed in
+    fp32 in that order and cast to x.dtype. Output [..., N].
+    """
+    checks.tensor("int8_linear", "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.int8_weight("int8_linear", w_q, w_scale, x.device)
+    checks.activation("int8_linear", x, K)
+    checks.bias("int8_linear", bias, N, x.device)
+    return _quantized_linear("int8_linear", x, w_q, w_scale, bias)
+
+
+def sparse24_linear(x, values, meta, bias=None):
+    """2:4 sparse linear in float: y = x @ decompress(values, meta).T + bias, computed in fp32,
+    cast to x.dtype. values [N, K/2] float, meta uint8 [N, ceil(K/8)]."""
+    checks.tensor("sparse24_linear", "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.sparse24_weight("sparse24_linear", values, meta, x.device, checks.FLOAT_DTYPES)
+    checks.activation("sparse24_linear", x, K)
+    checks.bias("sparse24_linear", bias, N, x.device)
+    w = _sp24.decompress(values, meta).float()
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def sparse24_int8_linear(x, values_q, meta, w_scale, bias=None):
+    """2:4 sparse W8A8: as int8_linear with the int8 weight decompress(values_q, meta)."""
+    op = "sparse24_int8_linear"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.sparse24_weight(op, values_q, meta, x.device, (torch.int8,))
+    checks.tensor(op, "w_scale", w_scale, checks.FLOAT_DTYPES, ndim=1, device=x.device)
+    if w_scale.shape[0] != N:
+        raise ValueError(f"pysparse.{op}: w_scale must have shape [{N}], got {tuple(w_scale.shape)}")
+    checks.activation(op, x, K)
+    checks.bias(op, bias, N, x.device)
+    return _quantized_linear(op, x, _sp24.decompress(values_q, meta), w_scale, bias)
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None):
+    """softmax(q k^T * scale + mask) v, in fp32, cast to q.dtype.
+
+    q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] with Hq % Hkv == 0 (grouped-query: query head h
+    uses kv head h // (Hq / Hkv)). mask: bool (True = attend) or additive float, broadcastable
+    to [B, Hq, Sq, Sk]. causal: query i attends key j iff j <= i + (Sk - Sq) (bottom-right
+    aligned, so decoding with a KV cache works; equals torch's top-left when Sq == Sk).
+    scale defaults to 1/sqrt(D). Rows with no key to attend give 0.
+    """
+    op = "attention"
+    checks.tensor(op, "q", q, checks.FLOAT_DTYPES, ndim=4)
+    checks.tensor(op, "k", k, (q.dtype,), ndim=4, device=q.device)
+    checks.tensor(op, "v", v, (q.dtype,), ndim=4, device=q.device)
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"pysparse.attention: k and v must be [B={B}, Hkv, Sk, D={D}] and "
+                         f"equal, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"pysparse.attention: q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    rep = Hq // Hkv
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = torch.ones_like(keep).tril(diagonal=Sk - Sq)
+    if mask is not None:
+        checks.tensor(op, "mask", mask, (torch.bool,) + checks.FLOAT_DTYPES, device=q.device)
+        try:
+            torch.broadcast_shapes(mask.shape, (B, Hq, Sq, Sk))
+        except RuntimeError:
+            raise ValueError(f"pysparse.attention: mask of shape {tuple(mask.shape)} does not "
+                             f"broadcast to [B, Hq, Sq, Sk] = {[B, Hq, Sq, Sk]}") from None
+        if mask.dtype == torch.bool:
+            keep = keep & mask
+        else:
+            s = s + mask.float()
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with nothing to attend: exp(-inf)/0
+    return (p @ vf).to(q.dtype)
