@@ -1,0 +1,140 @@
+// The one translation unit that includes torch: converts tensors to raw pointers, checks the
+// contract (op-prefixed messages), releases the GIL and hands threading to at::parallel_for.
+// Kernels live in csrc/cpu/*.cpp (plain C++, one file per ISA). The ops themselves are defined
+// and registered from Python (pysparse/ops/library.py, pysparse/ops/backends/cpu.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/kernels.h"
+
+namespace cpu = pysparse::cpu;
+
+namespace {
+
+void torch_parallel_for(int64_t n, int64_t grain, void* ctx, cpu::RangeFn fn) {
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+}
+
+cpu::Isa pick_isa(int64_t isa) {
+  // isa < 0: the active (detected, env-capped) ISA; otherwise min(requested, detected)
+  if (isa < 0) return cpu::active_isa();
+  TORCH_CHECK_VALUE(isa <= cpu::kAmx, "pysparse: unknown ISA id ", isa);
+  return static_cast<cpu::Isa>(std::min<int64_t>(isa, cpu::detected_isa()));
+}
+
+cpu::DType dtype_of(const char* op, const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return cpu::kF32;
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16, "pysparse.", op,
+                    ": the CPU kernel takes float32 or bfloat16 x, got ", x.scalar_type());
+  return cpu::kBF16;
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "pysparse.", op, ": x must be a CPU tensor");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "pysparse.", op,
+                    ": the CPU kernel takes a contiguous 2-D x [M, K]");
+  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(1) >= 1, "pysparse.", op, ": x must be non-empty");
+}
+
+void check_vec(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n &&
+                        t.is_contiguous() && t.device().is_cpu(),
+                    "pysparse.", op, ": ", name, " must be a contiguous fp32 [", n,
+                    "] CPU tensor");
+}
+
+void raise_nonfinite(const char* op, int64_t row) {
+  TORCH_CHECK_VALUE(row < 0, "pysparse.", op, ": x contains NaN or Inf (first at token row ",
+                    row, "); int8 quantization of non-finite activations is undefined");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t isa) {
+  const char* op = "quantize_per_token";
+  check_x(op, x);
+  auto dt = dtype_of(op, x);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto s = at::empty({M}, x.options().dtype(at::kFloat));
+  int64_t bad;
+  {
+    pybind11::gil_scoped_release nogil;
+    bad = cpu::quantize_per_token(pick_isa(isa), x.data_ptr(), dt, M, K, q.data_ptr<int8_t>(),
+                                  s.data_ptr<float>(), torch_parallel_for);
+  }
+  raise_nonfinite(op, bad);
+  return {q, s};
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
+  const char* op = "int8_linear";
+  check_x(op, x);
+  auto dt = dtype_of(op, x);
+  TORCH_CHECK_VALUE(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2 &&
+                        w_q.is_contiguous() && w_q.size(0) >= 1,
+                    "pysparse.int8_linear: w_q must be a contiguous CPU int8 [N, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = w_q.size(0);
+  TORCH_CHECK_VALUE(w_q.size(1) == K, "pysparse.int8_linear: x has K=", K, " but w_q is ",
+                    w_q.sizes());
+  check_vec(op, "w_scale", w_scale, N);
+  const float* bptr = nullptr;
+  if (bias.has_value()) {
+    check_vec(op, "bias", *bias, N);
+    bptr = bias->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  int64_t bad;
+  {
+    pybind11::gil_scoped_release nogil;
+    bad = cpu::int8_linear(pick_isa(isa), x.data_ptr(), dt, M, K, w_q.data_ptr<int8_t>(),
+                           w_scale.data_ptr<float>(), bptr, N, y.data_ptr(), torch_parallel_for);
+  }
+  raise_nonfinite(op, bad);
+  return y;
+}
+
+at::Tensor int8_gemm_s32(const at::Tensor& xq, const at::Tensor& w_q, int64_t isa) {
+  TORCH_CHECK_VALUE(xq.device().is_cpu() && w_q.device().is_cpu() &&
+                        xq.scalar_type() == at::kChar && w_q.scalar_type() == at::kChar &&
+                        xq.dim() == 2 && w_q.dim() == 2 && xq.is_contiguous() &&
+                        w_q.is_contiguous() && xq.size(1) == w_q.size(1) && xq.size(0) >= 1 &&
+                        w_q.size(0) >= 1 && xq.size(1) >= 1,
+                    "pysparse.int8_gemm_s32: expects contiguous CPU int8 [M, K] and [N, K]");
+  auto acc = at::empty({xq.size(0), w_q.size(0)}, xq.options().dtype(at::kInt));
+  {
+    pybind11::gil_scoped_release nogil;
+    cpu::int8_gemm_s32(pick_isa(isa), xq.data_ptr<int8_t>(), xq.size(0), xq.size(1),
+                       w_q.data_ptr<int8_t>(), w_q.size(0), acc.data_ptr<int32_t>(),
+                       torch_parallel_for);
+  }
+  return acc;
+}
+
+pybind11::dict info() {
+  pybind11::dict d;
+  d["detected_isa"] = cpu::isa_name(cpu::detected_isa());
+  d["active_isa"] = cpu::isa_name(cpu::active_isa());
+  d["features"] = cpu::cpu_features();
+  d["isa_error"] = cpu::isa_error();
+  return d;
+}
+
+int isa_id(const std::string& name) {
+  for (int i = cpu::kRef; i <= cpu::kAmx; ++i)
+    if (name == cpu::isa_name(static_cast<cpu::Isa>(i))) return i;
+  TORCH_CHECK_VALUE(false, "pysparse: unknown ISA '", name, "' (ref, avx2, avx512_vnni, amx)");
+  return -1;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "pysparse CPU kernels (contracts in csrc/cpu/kernels.h)";
+  m.def("info", &info, "ISA detected / active, CPU features, PYSPARSE_CPU_ISA problems");
+  m.def("isa_id", &isa_id, "ISA name -> id (ref=0, avx2=1, avx512_vnni=2, amx=3)");
+  m.def("quantize_per_token", &quantize_per_token, py::arg("x"), py::arg("isa") = -1);
+  m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("w_q"), py::arg("w_scale"),
+        py::arg("bias"), py::arg("isa") = -1);
+  m.def("int8_gemm_s32", &int8_gemm_s32, py::arg("xq"), py::arg("w_q"), py::arg("isa") = -1);
+}

@@ -1,0 +1,230 @@
+#pragma GCC target("avx2,fma,f16c")
+// AVX2 path (Haswell and later, Zen 1+).
+//
+// ODR: everything except the entry points declared in impl.h is in an
+// anonymous namespace and no out-of-line std:: template is used, so the
+// linker can never pick AVX2 code for the baseline path.
+//
+// GEMM scheme (w in canonical [N,K] layout, both operands K-contiguous): each
+// output (m,n) gets a ymm of 8 int32 partial dot products over K. 16 int8 of x
+// and of w are sign-extended to int16 (vpmovsxbw) and multiplied with
+// vpmaddwd, which is exact for int8-valued inputs (each pair sum is at most
+// 2*128*128 = 32768 in magnitude, well inside int32). vpmaddubsw is NOT used:
+// its int16 saturation makes u8*s8 pair sums inexact. The 8 partial vectors of
+// an 8-output tile are reduced together at the end (hsum8).
+// GCC 12's own intrinsic headers trip -Wuninitialized / -Wmaybe-uninitialized
+// (the `__Y = __Y` idiom of _mm512_undefined_*, GCC PR105593); silence that
+// for the header's lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cstdint>
+#include <cstring>
+
+#include "impl.h"
+
+namespace pysparse { namespace cpu { namespace detail {
+
+namespace {
+
+// Up to 8 fp32 values of x starting at element i (fp32 or bf16). For n < 8
+// the missing lanes are +0.0f (neutral for amax / finiteness) and nothing
+// past element i+n-1 is read.
+inline __m256 load8(const void* x, DType dt, int64_t i, int64_t n) {
+  if (dt == kBF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x) + i;
+    __m128i h;
+    if (n >= 8) {
+      h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(buf, p, size_t(n) * 2);
+      h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  const float* p = static_cast<const float*>(x) + i;
+  if (n >= 8) return _mm256_loadu_ps(p);
+  // vmaskmovps does not fault on masked-out elements.
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lanes));
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40u);
+  return uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Lane i of the result = sum of the 8 lanes of v[i] (hadd tree: 6 hadd +
+// 2 permutes + 1 add for 8 outputs).
+inline __m256i hsum8(const __m256i* v) {
+  const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i t0 = _mm256_hadd_epi32(s01, s23);  // per 128-bit lane: partials of v0..v3
+  const __m256i t1 = _mm256_hadd_epi32(s45, s67);  // per 128-bit lane: partials of v4..v7
+  return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+
+// MR rows of x times NR rows of w over all of K; lane r*NR+c of the result is
+// the dot product (lanes past MR*NR are 0). 8 accumulators + MR x vectors +
+// 1-2 temporaries fit the 16 ymm registers.
+template <int MR, int NR>
+inline __m256i micro(const int8_t* const* xr, const int8_t* const* wr, int64_t K) {
+  static_assert(MR * NR <= 8, "too many accumulators");
+  __m256i acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i xv[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      xv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr[r] + k)));
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k)));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+        acc[r * NR + c] = _mm256_add_epi32(acc[r * NR + c], _mm256_madd_epi16(wv, xv[r]));
+    }
+  }
+  if (k < K) {
+    // K tail (< 16 bytes): AVX2 has no byte-masked load, so copy the tail
+    // into zero-padded stack buffers; the zero lanes contribute nothing.
+    const size_t rem = size_t(K - k);
+    __m256i xv[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      alignas(16) int8_t buf[16] = {0};
+      std::memcpy(buf, xr[r] + k, rem);
+      xv[r] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) {
+      alignas(16) int8_t buf[16] = {0};
+      std::memcpy(buf, wr[c] + k, rem);
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+        acc[r * NR + c] = _mm256_add_epi32(acc[r * NR + c], _mm256_madd_epi16(wv, xv[r]));
+    }
+  }
+  return hsum8(acc);
+}
+
+// Epilogue for one tile (rows [m,m+mr), cols [n,n+nr)); scalar, since it runs
+// once per 8 outputs against K/16 vector steps per output.
+template <int MR, int NR>
+inline void store_tile(const GemmArgs& a, __m256i s, int64_t m, int mr, int64_t n, int nr) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), s);
+  const int64_t N = a.N;
+  for (int r = 0; r < mr; ++r) {
+    const int64_t o = (m + r) * N + n;
+    if (a.acc) {
+      for (int c = 0; c < nr; ++c) a.acc[o + c] = t[r * NR + c];
+      continue;
+    }
+    const float xs = a.xs[m + r];
+    for (int c = 0; c < nr; ++c) {
+      float f = static_cast<float>(t[r * NR + c]) * xs;
+      f = f * a.ws[n + c];
+      if (a.bias) {
+        __asm__("" : "+x"(f));  // keep mul and add separate (no FMA contraction)
+        f = f + a.bias[n + c];
+      }
+      if (a.dt == kBF16)
+        static_cast<uint16_t*>(a.y)[o + c] = f32_to_bf16(f);
+      else
+        static_cast<float*>(a.y)[o + c] = f;
+    }
+  }
+}
+
+// Rows [m,m+mv) (mv <= MR) x cols [n,n+nv) (nv <= 8). Tile rows/cols past
+// the valid ones alias the tile's first row (in-bounds reads, results dropped).
+template <int MR, int NR>
+inline void run_rows(const GemmArgs& a, int64_t m, int mv, int64_t n, int nv) {
+  const int64_t K = a.K;
+  const int8_t* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = a.xq + (m + (r < mv ? r : 0)) * K;
+  for (int c0 = 0; c0 < nv; c0 += NR) {
+    const int nr = nv - c0 < NR ? nv - c0 : NR;
+    const int8_t* wr[NR];
+    for (int c = 0; c < NR; ++c) wr[c] = a.w + (n + c0 + (c < nr ? c : 0)) * K;
+    store_tile<MR, NR>(a, micro<MR, NR>(xr, wr, K), m, mv, n + c0, nr);
+  }
+}
+
+}  // namespace
+
+int64_t quantize_rows_avx2(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1,
+                           int8_t* q, float* scale, int32_t* rowsum) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t base = m * K;
+    // amax on the bit patterns (integer order == float order for |x|);
+    // anything >= 0x7f800000 is Inf or NaN.
+    __m256i mx = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 8)
+      mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_castps_si256(load8(x, dt, base + k, K - k)), absmask));
+    alignas(32) uint32_t mv[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(mv), mx);
+    uint32_t abits = 0;
+    for (int i = 0; i < 8; ++i) abits = mv[i] > abits ? mv[i] : abits;
+    if (abits >= 0x7f800000u) return m;
+    float amax;
+    std::memcpy(&amax, &abits, 4);
+    const float s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    scale[m] = s;
+    const __m256 vs = _mm256_set1_ps(s);
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 8) {
+      __m256 r = _mm256_div_ps(load8(x, dt, base + k, K - k), vs);  // IEEE division, like ref
+      r = _mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+      const __m256i qi = _mm256_cvtps_epi32(r);  // exact: integer in [-127,127]
+      sum = _mm256_add_epi32(sum, qi);           // padded lanes are 0
+      // int32 -> int8 (values fit, so the saturating packs are exact).
+      const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+      const __m128i p8 = _mm_packs_epi16(p16, p16);
+      if (K - k >= 8) {
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + base + k), p8);
+      } else {
+        alignas(16) int8_t buf[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(buf), p8);
+        std::memcpy(q + base + k, buf, size_t(K - k));
+      }
+    }
+    if (rowsum) {
+      alignas(32) int32_t sv[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sv), sum);
+      uint32_t t = 0;
+      for (int i = 0; i < 8; ++i) t += uint32_t(sv[i]);
+      rowsum[m] = int32_t(t);
+    }
+  }
+  return -1;
+}
+
+void gemm_block_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  // An 8-column panel of w is swept over all rows of the block with 4x2
+  // tiles; row tails use 3x2 (6 accumulators), 2x4 and 1x8 (GEMV) tiles.
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int nv = n1 - n < 8 ? int(n1 - n) : 8;
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) run_rows<4, 2>(a, m, 4, n, nv);
+    const int rem = int(m1 - m);
+    if (rem == 3) run_rows<3, 2>(a, m, 3, n, nv);
+    else if (rem == 2) run_rows<2, 4>(a, m, 2, n, nv);
+    else if (rem == 1) run_rows<1, 8>(a, m, 1, n, nv);
+  }
+}
+
+}}}  // namespace pysparse::cpu::detail

@@ -1,0 +1,70 @@
+#pragma once
+// Public C++ API of the pysparse CPU kernels (no torch dependency).
+//
+// Build contract: every csrc/cpu/*.cpp except files named test_* belongs to
+// the library. Each per-ISA file enables its instruction set with its own
+// `#pragma GCC target(...)`; nothing may be compiled with global -m flags or
+// -march=native, so the library loads and runs (on the ref path) on any x86-64.
+//
+// Threading contract: the kernels never create threads. All parallelism goes
+// through the ParallelFor callback; each RangeFn call writes a disjoint part of
+// the outputs. pf may be nullptr, which means "run serially on the caller".
+//
+// Exactness contract: for a given input every ISA path returns bitwise the
+// same q, scale, int32 acc and y as the ref path (int32 sums wrap modulo 2^32
+// identically on all paths; they are the exact sum whenever it fits in int32,
+// which is guaranteed for K <= 133152 when xq is in [-127, 127]).
+#include <cstdint>
+#include <string>
+
+namespace pysparse { namespace cpu {
+
+enum Isa : int { kRef = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
+
+// Best ISA this CPU + OS support (cached, thread-safe). kAvx2 needs
+// AVX2+FMA+F16C and OS YMM state; kAvx512Vnni needs AVX512F/BW/VL/DQ/VNNI and
+// OS ZMM/opmask state; kAmx additionally AMX-TILE/INT8, XCR0 bits 17/18 and a
+// successful arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+Isa detected_isa();
+// detected_isa() capped by env PYSPARSE_CPU_ISA=ref|avx2|avx512_vnni|amx
+// (read once). An unknown value means "no cap" and isa_error() explains.
+Isa active_isa();
+const char* isa_name(Isa);   // "ref", "avx2", "avx512_vnni", "amx" ("?" otherwise)
+// Space-separated CPU/OS features found, e.g. "avx2 fma f16c avx512f avx512bw
+// avx512vl avx512_vnni avx512_bf16 avx512_vbmi2 amx_tile amx_int8 amx_bf16".
+std::string cpu_features();
+// "" or why PYSPARSE_CPU_ISA was not understood / AMX permission was refused.
+std::string isa_error();
+
+enum DType : int { kF32 = 0, kBF16 = 1 };   // bf16 = upper 16 bits of an fp32, stored as uint16_t
+
+typedef void (*RangeFn)(void* ctx, int64_t begin, int64_t end);
+// Calls fn(ctx,b,e) over [0,n) in chunks, possibly concurrently.
+typedef void (*ParallelFor)(int64_t n, int64_t grain, void* ctx, RangeFn fn);
+
+// All functions below: `isa` is the (already capped) path to use. A path that
+// is not implemented (kAmx today) or not supported by this CPU falls down to
+// the next lower implemented and supported one. Any M, K, N >= 1 is accepted;
+// M, K or N <= 0 is a no-op (returns -1). No alignment is required.
+
+// Per-token symmetric int8 quantization of x [M,K] (row-major, dtype dt):
+//   amax = max_k |x[m,k]| (computed in fp32);  scale[m] = max(amax, 1e-12f) / 127.0f;
+//   q[m,k] = (int8) clamp(nearbyint(x[m,k] / scale[m]), -127, 127)    (IEEE division, round-half-to-even)
+// Returns -1 on success, or the index of the first row that contains a NaN or Inf (outputs then unspecified).
+int64_t quantize_per_token(Isa isa, const void* x, DType dt, int64_t M, int64_t K, int8_t* q, float* scale, ParallelFor pf);
+
+// W8A8 linear with dynamic per-token activation quantization fused in:
+//   quantize x as above -> (xq, xs);   acc[m,n] = sum_k int32(xq[m,k]) * int32(w_q[n,k])   (exact int32)
+//   y[m,n] = (float)acc[m,n] * xs[m] * w_scale[n] (+ bias[n] if bias != nullptr), computed in fp32 in
+//   that left-to-right order (never fused into an FMA), then stored as dt (bf16: round-to-nearest-even
+//   of the fp32 value; NaN stays a (quiet) NaN).
+// w_q is int8 [N,K] row-major (canonical layout, NOT packed), w_scale fp32 [N], bias fp32 [N] or null.
+// y is [M,N] row-major of dtype dt and must not alias the inputs.
+// Returns -1 on success or the first row index with NaN/Inf in x (y is then left untouched).
+int64_t int8_linear(Isa isa, const void* x, DType dt, int64_t M, int64_t K, const int8_t* w_q, const float* w_scale, const float* bias, int64_t N, void* y, ParallelFor pf);
+
+// Exposed for tests: the raw int32 GEMM acc[M,N] = xq[M,K] * w_q[N,K]^T on the given ISA path.
+// Any int8 values are allowed in both operands (including -128).
+void int8_gemm_s32(Isa isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w_q, int64_t N, int32_t* acc, ParallelFor pf);
+
+}}  // namespace pysparse::cpu

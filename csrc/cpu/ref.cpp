@@ -1,0 +1,105 @@
+// Scalar reference path: the last-resort fallback and the C++ oracle the SIMD
+// paths are tested against. Deliberately no `#pragma GCC target`: this file is
+// compiled for baseline x86-64 (or any other CPU) so it runs everywhere.
+//
+// Rounding: division and nearbyint use the current FP environment; torch
+// never leaves it anything but round-to-nearest-even, which is what the SIMD
+// paths hard-code (_MM_FROUND_TO_NEAREST_INT), so the paths agree bitwise.
+#include <cmath>
+#include <cstring>
+
+#include "impl.h"
+
+namespace pysparse { namespace cpu { namespace detail {
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t b = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline float load_f32(const void* x, DType dt, int64_t i) {
+  if (dt == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  return static_cast<const float*>(x)[i];
+}
+
+// Round-to-nearest-even fp32 -> bf16; NaN is kept a NaN (quieted) instead of
+// being rounded into Inf or a different payload class.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40u);
+  return uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Hides v from the optimizer so `opaque(a*b) + c` is never contracted into an
+// FMA (GCC contracts by default even with -std=c++17, and would if this file
+// were ever built with FMA enabled); the contract fixes the rounding order.
+inline float opaque(float v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(v));
+#elif defined(__GNUC__)
+  __asm__("" : "+r"(v));
+#endif
+  return v;
+}
+
+}  // namespace
+
+int64_t quantize_rows_ref(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1,
+                          int8_t* q, float* scale, int32_t* rowsum) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t base = m * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = load_f32(x, dt, base + k);
+      if (!std::isfinite(v)) return m;
+      const float a = std::fabs(v);
+      if (a > amax) amax = a;
+    }
+    const float s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    scale[m] = s;
+    uint32_t sum = 0;  // unsigned: wraps instead of UB (cannot overflow for K < 2^24 anyway)
+    for (int64_t k = 0; k < K; ++k) {
+      float r = std::nearbyint(load_f32(x, dt, base + k) / s);
+      if (r > 127.0f) r = 127.0f;
+      if (r < -127.0f) r = -127.0f;
+      const int8_t qi = static_cast<int8_t>(static_cast<int>(r));
+      q[base + k] = qi;
+      sum += static_cast<uint32_t>(static_cast<int32_t>(qi));
+    }
+    if (rowsum) rowsum[m] = static_cast<int32_t>(sum);
+  }
+  return -1;
+}
+
+void gemm_block_ref(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, N = a.N;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* xr = a.xq + m * K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = a.w + n * K;
+      uint32_t acc = 0;  // wrapping int32 arithmetic, same as the SIMD paths
+      for (int64_t k = 0; k < K; ++k)
+        acc += static_cast<uint32_t>(int32_t(xr[k]) * int32_t(wr[k]));
+      const int32_t v = static_cast<int32_t>(acc);
+      const int64_t o = m * N + n;
+      if (a.acc) {
+        a.acc[o] = v;
+        continue;
+      }
+      float f = static_cast<float>(v) * a.xs[m];
+      f = f * a.ws[n];
+      if (a.bias) f = opaque(f) + a.bias[n];
+      if (a.dt == kBF16)
+        static_cast<uint16_t*>(a.y)[o] = f32_to_bf16(f);
+      else
+        static_cast<float*>(a.y)[o] = f;
+    }
+  }
+}
+
+}}}  // namespace pysparse::cpu::detail
