@@ -1,0 +1,156 @@
+"""Replacement modules for nn.Linear / transformers' Conv1D.
+
+Each module holds *packed* buffers (packed once in ``from_linear``; nothing is quantized in
+``forward`` or ``.to()``) and calls one pysparse op. Scales and biases stay fp32 whatever
+``model.to(dtype)`` does (``_apply`` keeps their dtype, moves their device), so a bf16 model does
+not round its quantization scales; float 2:4 values follow the model's dtype like a weight would.
+"""
+import torch
+from torch import nn
+
+from ..formats import int8 as _int8
+from ..formats import sparse24 as _sp24
+from ..ops import reference
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a transformers Conv1D ([in, out] stored)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.detach().t()
+    raise TypeError(f"pysparse: expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+class _PackedLinear(nn.Module):
+    """Shared plumbing: shape attributes, fp32 side buffers, backend choice, repr."""
+
+    _fp32_buffers = ("weight_scale", "bias")
+    scheme = ""
+
+    def __init__(self, in_features, out_features, backend=None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.backend = backend
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._fp32_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, buf in kept.items():
+            moved = self._buffers[name]
+            # a dtype cast would round the fp32 scales/bias: keep the dtype, follow the device
+            self._buffers[name] = buf.to(device=moved.device) if moved.dtype != buf.dtype else moved
+        return self
+
+    def _set_bias(self, module):
+        b = getattr(module, "bias", None)
+        self.register_buffer("bias", None if b is None else b.detach().float().clone())
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme!r}, "
+                f"backend={self.backend or 'auto'}")
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _run(self, op: str, *args):
+        if self.backend == "reference":  # forced: plain torch, traceable, any device
+            return getattr(reference, op)(*args)
+        return getattr(torch.ops.pysparse, op)(*args)
+
+
+class Int8Linear(_PackedLinear):
+    """W8A8: int8 weight per output channel, activations int8 per token at run time."""
+
+    scheme = "w8a8"
+
+    def __init__(self, in_features, out_features, bias=True, backend=None):
+        super().__init__(in_features, out_features, backend)
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, module, backend=None):
+        w = linear_weight(module)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
+        out.weight_q, out.weight_scale = _int8.quantize_weight(w)
+        out._set_bias(module)
+        return out.to(w.device)
+
+    def forward(self, x):
+        return self._run("int8_linear", x, self.weight_q, self.weight_scale, self.bias)
+
+    def dequantized_weight(self):
+        return _int8.dequantize_weight(self.weight_q, self.weight_scale)
+
+
+class Sparse24Linear(_PackedLinear):
+    """2:4 sparse weight in the layer's float dtype (values + meta, canonical format)."""
+
+    scheme = "2:4"
+
+    def __init__(self, in_features, out_features, bias=True, dtype=torch.float32, backend=None):
+        super().__init__(in_features, out_features, backend)
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype))
+        self.register_buffer("meta", torch.zeros(out_features, (in_features + 7) // 8,
+                                                 dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, module, backend=None):
+        w = linear_weight(module)
+        out = cls(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, backend=backend)
+        out.values, out.meta = _sp24.compress(w)
+        out._set_bias(module)
+        return out.to(w.device)
+
+    def forward(self, x):
+        return self._run("sparse24_linear", x, self.values, self.meta, self.bias)
+
+    def dequantized_weight(self):
+        return _sp24.decompress(self.values, self.meta)
+
+
+class Sparse24Int8Linear(_PackedLinear):
+    """2:4 sparse + W8A8: int8 kept values with per-channel scales, meta, int8 activations."""
+
+    scheme = "2:4+w8a8"
+
+    def __init__(self, in_features, out_features, bias=True, backend=None):
+        super().__init__(in_features, out_features, backend)
+        self.register_buffer("values_q", torch.zeros(out_features, in_features // 2,
+                                                     dtype=torch.int8))
+        self.register_buffer("meta", torch.zeros(out_features, (in_features + 7) // 8,
+                                                 dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, module, backend=None):
+        w = linear_weight(module)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
+        values, out.meta = _sp24.compress(w)
+        # per-channel scale from the kept values (= from the whole row: the pruned ones are 0)
+        out.values_q, out.weight_scale = _int8.quantize_weight(values)
+        out._set_bias(module)
+        return out.to(w.device)
+
+    def forward(self, x):
+        return self._run("sparse24_int8_linear", x, self.values_q, self.meta,
+                         self.weight_scale, self.bias)
+
+    def dequantized_weight(self):
+        return _sp24.decompress(_int8.dequantize_weight(self.values_q, self.weight_scale),
+                                self.meta)
+
+
+SCHEMES = {
+    "w8a8": Int8Linear,
+    "2:4": Sparse24Linear,
+    "2:4+w8a8": Sparse24Int8Linear,
+}
+
+__all__ = ["Int8Linear", "Sparse24Linear", "Sparse24Int8Linear", "SCHEMES", "linear_weight"]

@@ -1,0 +1,147 @@
+"""The module walker behind replace_linear and prune, and the per-layer report they return.
+
+One walker (``linear_layers``) finds every nn.Linear / transformers Conv1D with its qualified
+name and applies the include/exclude globs and ``filter_fn``; front-ends only decide what to do
+with each layer. A pattern matches a name when it matches the whole qualified name or a dotted
+suffix of it, so ``"lm_head"`` matches ``lm_head`` and ``model.lm_head``.
+"""
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .formats import sparse24 as _sp24
+from .nn.linear import SCHEMES
+from .ops.backends import check_usable
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"))
+
+
+def _matches(name: str, patterns) -> bool:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    return any(fnmatchcase(name, p) or fnmatchcase(name, "*." + p) for p in patterns)
+
+
+@dataclass
+class LayerResult:
+    name: str
+    status: str  # "replaced" | "skipped" | "pruned"
+    detail: str
+    shape: tuple = ()
+
+
+@dataclass
+class Report:
+    """What a pass did to each linear layer. ``str(report)`` is a readable table."""
+
+    action: str
+    layers: list = field(default_factory=list)
+
+    @property
+    def replaced(self):
+        return [r for r in self.layers if r.status == "replaced"]
+
+    @property
+    def pruned(self):
+        return [r for r in self.layers if r.status == "pruned"]
+
+    @property
+    def skipped(self):
+        return [r for r in self.layers if r.status == "skipped"]
+
+    def to_dict(self):
+        return {"action": self.action,
+                "layers": [{"name": r.name, "status": r.status, "detail": r.detail,
+                            "shape": list(r.shape)} for r in self.layers]}
+
+    def __str__(self):
+        counts = {}
+        for r in self.layers:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        head = f"{self.action}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        width = max([len(r.name) for r in self.layers] + [5])
+        rows = [f"  {r.name:<{width}}  {r.status:<8}  {'x'.join(map(str, r.shape)):<11}  {r.detail}"
+                for r in self.layers]
+        return "\n".join([head, *rows])
+
+    __repr__ = __str__
+
+
+def linear_layers(model: nn.Module, include=None, exclude=("lm_head",),
+                  filter_fn: Callable | None = None):
+    """Yield (name, parent, attr, module, skip_reason) for every linear layer of ``model``.
+
+    skip_reason is None for layers selected by include/exclude/filter_fn.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pysparse: expected a torch.nn.Module, got {type(model).__name__}")
+    exclude = () if exclude is None else exclude
+    for name, module in model.named_modules():
+        if not is_linear(module) or not name:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        reason = None
+        if include is not None and not _matches(name, include):
+            reason = "not matched by include"
+        elif _matches(name, exclude):
+            reason = "excluded by pattern"
+        elif filter_fn is not None and not filter_fn(module, name):
+            reason = "filter_fn returned False"
+        yield name, parent, attr, module, reason
+
+
+def _shape(module):
+    w = module.weight
+    return tuple(w.shape) if isinstance(module, nn.Linear) else tuple(w.shape[::-1])
+
+
+def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
+                   exclude: Iterable[str] | str | None = ("lm_head",),
+                   filter_fn: Callable | None = None, backend: str | None = None) -> Report:
+    """Swap every selected nn.Linear / Conv1D of ``model`` (in place) for a packed module.
+
+    scheme: "w8a8" (int8 weight per channel x int8 activation per token), "2:4" (2:4 sparse,
+    the layer's float dtype) or "2:4+w8a8". include/exclude: glob patterns on qualified names;
+    filter_fn(module, name) -> bool. backend: None (auto), "cpu" or "reference".
+    Returns a Report listing every linear layer as replaced or skipped (with the reason).
+    Validates every selected layer before changing any, so an error leaves the model untouched.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"pysparse.replace_linear: unknown scheme {scheme!r}; choose one of "
+                         f"{', '.join(map(repr, SCHEMES))}")
+    cls = SCHEMES[scheme]
+    report = Report(f"replace_linear(scheme={scheme!r})")
+    plan = []
+    for name, parent, attr, module, reason in linear_layers(model, include, exclude, filter_fn):
+        shape = _shape(module)
+        if reason is None and not module.weight.is_floating_point():
+            reason = f"weight dtype {module.weight.dtype} is not floating point"
+        if reason is None and module.weight.device.type == "meta":
+            reason = "weight is on the meta device (not materialized)"
+        if reason is None and scheme.startswith("2:4"):
+            K = shape[1]
+            if K % 4:
+                reason = f"in_features={K} is not a multiple of 4 (2:4 groups along K)"
+            elif not _sp24.is_24(module.weight.detach() if isinstance(module, nn.Linear)
+                                 else module.weight.detach().t()):
+                raise ValueError(
+                    f"pysparse.replace_linear: layer {name!r} is not 2:4 sparse, so scheme "
+                    f"{scheme!r} cannot pack it; prune it first with "
+                    f'pysparse.prune(model, pattern="2:4") (or exclude the layer)')
+        if reason is None:
+            check_usable(backend, module.weight.device)
+            plan.append((parent, attr, module))
+            report.layers.append(LayerResult(name, "replaced", f"{type(module).__name__} -> "
+                                             f"{cls.__name__}", shape))
+        else:
+            report.layers.append(LayerResult(name, "skipped", reason, shape))
+    for parent, attr, module in plan:  # all validated: now mutate
+        setattr(parent, attr, cls.from_linear(module, backend=backend))
+    return report
