@@ -1,0 +1,178 @@
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import pysparse
+from pysparse.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
+from pysparse.replace import is_linear
+from pysparse.testing import tolerances
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _bert():
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=128, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=160, vocab_size=128,
+                                   max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+ARCHS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama}
+SCHEME_CLS = {"w8a8": Int8Linear, "2:4": Sparse24Linear, "2:4+w8a8": Sparse24Int8Linear}
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        o = model(input_ids=ids)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def _n_linear(model):
+    return sum(1 for n, m in model.named_modules() if is_linear(m) and n.split(".")[-1] != "lm_head")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", SCHEME_CLS)
+def test_replace_random_models(arch, scheme):
+    model = ARCHS[arch]()
+    if scheme.startswith("2:4"):
+        pysparse.prune(model, pattern="2:4")
+    ids = torch.randint(0, 128, (2, 11))
+    ref = _out(model, ids)
+    n = _n_linear(model)
+    report = pysparse.replace_linear(model, scheme)
+    assert len(report.replaced) == n > 0
+    assert sum(isinstance(m, SCHEME_CLS[scheme]) for m in model.modules()) == n
+    assert all(r.detail == "excluded by pattern" for r in report.skipped)  # only lm_head
+    out = _out(model, ids)
+    if scheme == "2:4":  # lossless packing of an already-pruned weight
+        torch.testing.assert_close(out, ref, **tolerances.FLOAT_MATMUL[torch.float32])
+    else:
+        assert tolerances.sqnr_db(ref, out) > 20
+
+
+def test_gpt2_conv1d_is_handled():
+    model = _gpt2()
+    assert any(type(m).__name__ == "Conv1D" for m in model.modules())
+    pysparse.replace_linear(model, "w8a8")
+    assert not any(type(m).__name__ == "Conv1D" for m in model.modules())
+    assert isinstance(model.lm_head, nn.Linear)  # tied head skipped by default
+
+
+def test_include_exclude_filter():
+    model = _bert()
+    r = pysparse.replace_linear(copy.deepcopy(model), include=["*.attention.self.*"])
+    assert {x.name.split(".")[-1] for x in r.replaced} == {"query", "key", "value"}
+    r = pysparse.replace_linear(copy.deepcopy(model), exclude=["pooler.dense", "*.query"])
+    assert not any(x.name.endswith("query") or x.name == "pooler.dense" for x in r.replaced)
+    r = pysparse.replace_linear(copy.deepcopy(model),
+                                filter_fn=lambda m, name: m.out_features > 64)
+    assert r.replaced and all(x.shape[0] > 64 for x in r.replaced)
+    assert "filter_fn returned False" in str(r)
+
+
+def test_24_on_dense_weights_raises_and_leaves_model_untouched():
+    model = _bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r'pysparse.prune\(model, pattern="2:4"\)'):
+        pysparse.replace_linear(model, "2:4")
+    assert not any(isinstance(m, Sparse24Linear) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown scheme"):
+        pysparse.replace_linear(_bert(), "w3a3")
+    with pytest.raises(TypeError, match="nn.Module"):
+        pysparse.replace_linear("not a model")
+    with pytest.raises((RuntimeError, ValueError), match="backend"):
+        pysparse.replace_linear(_bert(), backend="cuda")
+    with pytest.raises(ValueError, match="method"):
+        pysparse.prune(_bert(), pattern="2:4", method="wanda-typo")
+    with pytest.raises(ValueError, match="exactly one"):
+        pysparse.prune(_bert())
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "2:4+w8a8", "2:4"])
+def test_bf16_model_and_dtype_moves(scheme):
+    model = _llama()
+    if scheme.startswith("2:4"):
+        pysparse.prune(model, pattern="2:4")
+    ids = torch.randint(0, 128, (1, 9))
+    ref = _out(model, ids)
+    pysparse.replace_linear(model, scheme)
+    model.to(torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "weight_scale"):
+            assert m.weight_scale.dtype == torch.float32  # not rounded by .to(bf16)
+    out = _out(model, ids)
+    assert out.dtype == torch.bfloat16
+    assert tolerances.sqnr_db(ref, out.float()) > 15
+
+
+def test_state_dict_roundtrip():
+    a, b = _bert(), _bert()
+    pysparse.replace_linear(a, "w8a8")
+    pysparse.replace_linear(b, "w8a8")
+    sd = a.state_dict()
+    assert any(k.endswith("weight_q") for k in sd) and any(k.endswith("weight_scale") for k in sd)
+    b.load_state_dict(sd)
+    ids = torch.randint(0, 128, (2, 7))
+    assert torch.equal(_out(a, ids), _out(b, ids))
+
+
+def test_forced_reference_backend_module():
+    model = _bert()
+    ids = torch.randint(0, 128, (2, 7))
+    auto = copy.deepcopy(model)
+    pysparse.replace_linear(auto, "w8a8")
+    pysparse.replace_linear(model, "w8a8", backend="reference")
+    assert all(m.backend == "reference" for m in model.modules() if isinstance(m, Int8Linear))
+    torch.testing.assert_close(_out(model, ids), _out(auto, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "2:4+w8a8"])
+def test_torch_compile_no_graph_break(scheme):
+    model = _bert()
+    if scheme.startswith("2:4"):
+        pysparse.prune(model, pattern="2:4")
+    pysparse.replace_linear(model, scheme)
+    ids = torch.randint(0, 128, (2, 7))
+    eager = _out(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")  # fullgraph: no breaks
+    torch.testing.assert_close(_out(compiled, ids), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_summary_bytes():
+    model = _bert()
+    dense = sum(r.weight_bytes for r in pysparse.summary(model))
+    pysparse.replace_linear(model, "w8a8")
+    rows = pysparse.summary(model)
+    assert all(r.scheme == "w8a8" for r in rows)
+    assert sum(r.weight_bytes for r in rows) < 0.3 * dense
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_fidelity(minilm, texts):
+    from pysparse.models import embed
+    from pysparse.report import cosine_fidelity, recall_at_k
+    model, tok = minilm
+    q = copy.deepcopy(model)
+    report = pysparse.replace_linear(q, "w8a8")
+    assert len(report.replaced) == 37 and not report.skipped
+    ref, out = embed(model, tok, texts), embed(q, tok, texts)
+    assert cosine_fidelity(ref, out) >= tolerances.W8A8_MINILM_COSINE
+    assert recall_at_k(ref, out, 10) >= tolerances.W8A8_MINILM_RECALL10
