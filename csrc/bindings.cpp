@@ -110,6 +110,76 @@ at::Tensor int8_gemm_s32(const at::Tensor& xq, const at::Tensor& w_q, int64_t is
   return acc;
 }
 
+// W8A8 linear on a vnni16-packed weight (layout and contract in cpu/kernels.h). The packed
+// buffer carries no shape, so N is passed and every size is checked against it: a buffer
+// of the wrong size is rejected before any kernel could read past it.
+at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_colsum,
+                              const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t N,
+                              int64_t isa) {
+  const char* op = "int8_linear_packed";
+  check_x(op, x);
+  auto dt = dtype_of(op, x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(w_packed.device().is_cpu() && w_packed.scalar_type() == at::kChar &&
+                        w_packed.is_contiguous(),
+                    "pysparse.int8_linear_packed: w_packed must be a contiguous CPU int8 tensor "
+                    "(vnni16 layout, e.g. [Np/16, Kp/4, 64]), got ", w_packed.scalar_type(), " ",
+                    w_packed.sizes());
+  const int64_t numel = w_packed.numel(), Kp = (K + 3) / 4 * 4;
+  // N <= numel first, so that Np = ceil(N/16)*16 cannot overflow; Np*Kp == numel is then
+  // tested by division (no overflow either).
+  TORCH_CHECK_VALUE(N >= 1 && N <= numel && numel % Kp == 0 && numel / Kp == (N + 15) / 16 * 16,
+                    "pysparse.int8_linear_packed: w_packed has ", numel,
+                    " elements, but a vnni16-packed weight with N=", N, " and K=", K,
+                    " (from x) has ceil(N/16)*16 * ceil(K/4)*4 = ",
+                    N >= 1 && N <= numel ? (N + 15) / 16 * 16 * Kp : int64_t(-1),
+                    " (N must be >= 1)");
+  TORCH_CHECK_VALUE(w_colsum.device().is_cpu() && w_colsum.scalar_type() == at::kInt &&
+                        w_colsum.dim() == 1 && w_colsum.is_contiguous() && w_colsum.size(0) >= N,
+                    "pysparse.int8_linear_packed: w_colsum must be a contiguous CPU int32 [>= ", N,
+                    "] tensor, got ", w_colsum.scalar_type(), " ", w_colsum.sizes());
+  check_vec(op, "w_scale", w_scale, N);
+  const float* bptr = nullptr;
+  if (bias.has_value()) {
+    check_vec(op, "bias", *bias, N);
+    bptr = bias->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  int64_t bad;
+  {
+    pybind11::gil_scoped_release nogil;
+    bad = cpu::int8_linear_packed(pick_isa(isa), x.data_ptr(), dt, M, K, w_packed.data_ptr<int8_t>(),
+                                  w_colsum.data_ptr<int32_t>(), w_scale.data_ptr<float>(), bptr, N,
+                                  y.data_ptr(), torch_parallel_for);
+  }
+  raise_nonfinite(op, bad);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_int8_vnni16(const at::Tensor& w_q) {
+  TORCH_CHECK_VALUE(w_q.device().is_cpu() && w_q.scalar_type() == at::kChar && w_q.dim() == 2 &&
+                        w_q.is_contiguous() && w_q.size(0) >= 1 && w_q.size(1) >= 1,
+                    "pysparse.pack_int8_vnni16: w_q must be a non-empty contiguous CPU int8 [N, K] "
+                    "tensor, got ", w_q.scalar_type(), " ", w_q.sizes());
+  const int64_t N = w_q.size(0), K = w_q.size(1);
+  const int64_t Np = (N + 15) / 16 * 16, Kp = (K + 3) / 4 * 4;
+  auto packed = at::empty({Np / 16, Kp / 4, 64}, w_q.options());
+  auto colsum = at::empty({Np}, w_q.options().dtype(at::kInt));
+  {
+    pybind11::gil_scoped_release nogil;
+    cpu::pack_int8_vnni16(w_q.data_ptr<int8_t>(), N, K, packed.data_ptr<int8_t>(),
+                          colsum.data_ptr<int32_t>());
+  }
+  return {packed, colsum};
+}
+
+double int8_peak_gops(int64_t isa, double seconds) {
+  TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "pysparse.int8_peak_gops: seconds must be in (0, 10], got ",
+                    seconds);
+  pybind11::gil_scoped_release nogil;
+  return cpu::int8_peak_gops(pick_isa(isa), seconds);
+}
+
 pybind11::dict info() {
   pybind11::dict d;
   d["detected_isa"] = cpu::isa_name(cpu::detected_isa());
@@ -137,4 +207,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("w_q"), py::arg("w_scale"),
         py::arg("bias"), py::arg("isa") = -1);
   m.def("int8_gemm_s32", &int8_gemm_s32, py::arg("xq"), py::arg("w_q"), py::arg("isa") = -1);
+  m.def("int8_linear_packed", &int8_linear_packed, py::arg("x"), py::arg("w_packed"), py::arg("w_colsum"),
+        py::arg("w_scale"), py::arg("bias"), py::arg("N"), py::arg("isa") = -1,
+        "W8A8 linear on a vnni16-packed weight; y bitwise equal to int8_linear on the weight it was packed from");
+  m.def("pack_int8_vnni16", &pack_int8_vnni16, py::arg("w_q"),
+        "int8 [N, K] -> (packed int8 [Np/16, Kp/4, 64], colsum int32 [Np]) in the vnni16 layout");
+  m.def("int8_peak_gops", &int8_peak_gops, py::arg("isa") = -1, py::arg("seconds") = 0.25,
+        "measured single-thread int8 MAC peak of an ISA path, GOP/s");
 }

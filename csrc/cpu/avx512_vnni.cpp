@@ -20,6 +20,13 @@
 // and the row sums of x (computed while quantizing) are subtracted in the
 // epilogue. All arithmetic wraps modulo 2^32, so the result equals the ref
 // path bitwise for any int8 inputs (including -128 in either operand).
+//
+// Packed-weight path (int8_linear_packed, vnni16 layout, see kernels.h):
+// the roles flip. The activation is quantized straight to u8 = q+128 (the
+// unsigned operand, broadcast 4 bytes at a time) and each 64-byte line of a
+// weight panel is loaded as the signed operand as is, so a zmm accumulator
+// holds 16 output columns and no reduction is needed; 128*colsum[n]
+// (precomputed at pack time) is subtracted in the epilogue.
 // GCC 12's own intrinsic headers trip -Wuninitialized / -Wmaybe-uninitialized
 // (the `__Y = __Y` idiom of _mm512_undefined_*, GCC PR105593); silence that
 // for the header's lines only.
@@ -192,10 +199,14 @@ inline void run_rows(const GemmArgs& a, int64_t m, int mv, int64_t n, int nv) {
   }
 }
 
-}  // namespace
-
-int64_t quantize_rows_avx512_vnni(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1,
-                                  int8_t* q, float* scale, int32_t* rowsum) {
+// Per-token quantization of rows [m0,m1) (contract in kernels.h). U8=false
+// stores q as int8 at out + m*K (the canonical path); U8=true stores q+128
+// as uint8 at out + m*stride and zeroes the pad [K,stride), the activation
+// operand of the packed GEMM (vpdpbusd multiplies u8 x s8). Both share this
+// one body so the packed path's q is bitwise the canonical path's q.
+template <bool U8>
+int64_t quant_rows(const void* x, DType dt, int64_t K, int64_t stride, int64_t m0, int64_t m1,
+                   void* out, float* scale, int32_t* rowsum) {
   const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
   for (int64_t m = m0; m < m1; ++m) {
@@ -222,11 +233,153 @@ int64_t quantize_rows_avx512_vnni(const void* x, DType dt, int64_t K, int64_t m0
       r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
       const __m512i qi = _mm512_cvtps_epi32(r);  // exact: r is an integer in [-127,127]
       sum = _mm512_add_epi32(sum, qi);           // masked-out lanes are 0
-      _mm512_mask_cvtepi32_storeu_epi8(q + base + k, mk, qi);
+      if (U8)  // qi+128 is in [1,255]; the truncating store keeps its low byte = the u8 value
+        _mm512_mask_cvtepi32_storeu_epi8(static_cast<uint8_t*>(out) + m * stride + k, mk,
+                                         _mm512_add_epi32(qi, _mm512_set1_epi32(128)));
+      else
+        _mm512_mask_cvtepi32_storeu_epi8(static_cast<int8_t*>(out) + base + k, mk, qi);
     }
     if (rowsum) rowsum[m] = _mm512_reduce_add_epi32(sum);
+    // Zero activation in the pad: it meets whatever the packed weight holds
+    // there and must contribute nothing.
+    if (U8 && stride > K)
+      _mm512_mask_storeu_epi8(static_cast<uint8_t*>(out) + m * stride + K, mask64(stride - K), _mm512_setzero_si512());
   }
   return -1;
+}
+
+// ---------------------------------------------------------------- packed path
+// Micro-kernel of the packed (vnni16) path: MR rows x NP 16-column panels
+// over all of K, accumulators in registers. Per 4-k step it loads NP
+// 64-byte weight lines (16 columns x 4 k, one zmm each) and MR 4-byte
+// activation groups (vpbroadcastd), then issues MR*NP vpdpbusd: each weight
+// vector is reused by all MR rows and each broadcast by all NP panels, and
+// no horizontal reduction is needed because lane j of an accumulator is
+// column j of its panel. At MR=8, NP=3: 24 accumulators + 3 weights + 1
+// broadcast = 28 of the 32 zmm, 24 vpdpbusd per 11 loads.
+// U > 1 (used for MR <= 2, the weight-streaming shapes) splits the K loop
+// over U independent accumulator sets: with only MR*NP chains the loop
+// would otherwise wait on vpdpbusd latency whenever w comes from cache.
+// Activation rows are u8 q+128 padded with zeros to Kp, panels are padded to
+// 16 columns and Kp, so every load is in bounds and full width; only the
+// epilogue masks (columns >= N of the last panel).
+
+// Software prefetch distance in the panel streams: each of the NP weight
+// streams is prefetched (prefetcht1, into L2) 2 KiB = 32 k-steps ahead.
+// Measured on Zen 4 for M=1..8 at K,N in {4096, 11008}: without it a
+// single thread reached 18-23 GB/s of its 26.7; with it 25-29 (T0 hints and
+// 1 or 3-4 KiB distances were no better, a single 16-column stream worse).
+// Harmless for the compute-bound shapes (one extra load per 8 vpdpbusd).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <int MR, int NP, int U>
+void packed_tile(const PackedArgs& a, int64_t m, int64_t n) {
+  static_assert(MR >= 1 && NP >= 1 && U >= 1 && MR * NP * U <= 24, "accumulators must fit the zmm file");
+  const int64_t Kp = a.Kp, KG = Kp / 4, ps = 16 * Kp;  // ps: bytes per panel
+  const uint8_t* A = static_cast<const uint8_t*>(a.a) + m * Kp;
+  const int8_t* W = a.wp + (n / 16) * ps;
+  __m512i acc[U][MR][NP];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p)
+        acc[u][r][p] = _mm512_setzero_si512();
+  int64_t kg = 0;
+  for (; kg + U <= KG; kg += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      __m512i wv[NP];
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        const int8_t* wl = W + p * ps + (kg + u) * 64;
+        // Near the end of the weight the prefetch address runs past the
+        // buffer: harmless for the CPU (prefetches never fault), and formed
+        // in integer arithmetic so no out-of-range pointer exists in C++.
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wl) + kPrefetchBytes), _MM_HINT_T1);
+        wv[p] = _mm512_loadu_si512(wl);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, A + r * Kp + (kg + u) * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) dpbusd(acc[u][r][p], xb, wv[p]);
+      }
+    }
+  }
+  for (; kg < KG; ++kg) {  // leftover k-steps when U does not divide the range
+    __m512i wv[NP];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(W + p * ps + kg * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t x4;
+      std::memcpy(&x4, A + r * Kp + kg * 4, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) dpbusd(acc[0][r][p], xb, wv[p]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[0][r][p] = _mm512_add_epi32(acc[0][r][p], acc[u][r][p]);
+  // Epilogue: undo the +128 of the activation (acc - 128*colsum, wrapping,
+  // exact), then y = ((float)acc * xs[m]) * ws[n] (+ bias[n]) in that order
+  // with the asm barrier keeping mul and add from being fused into an FMA.
+  // Loads of colsum/ws/bias are masked to the columns < N (those arrays have
+  // only N entries).
+  const int64_t N = a.N;
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+    const int64_t n0 = n + p * 16;
+    const __mmask16 mk = mask16(N - n0);
+    const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, a.colsum + n0), 7);
+    const __m512 ws = _mm512_maskz_loadu_ps(mk, a.ws + n0);
+    const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][r][p], cs));
+      f = _mm512_mul_ps(f, _mm512_set1_ps(a.xs[m + r]));
+      f = _mm512_mul_ps(f, ws);
+      if (a.bias) {
+        __asm__("" : "+v"(f));
+        f = _mm512_add_ps(f, bs);
+      }
+      const int64_t o = (m + r) * N + n0;
+      if (a.dt == kBF16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + o, mk, f32_to_bf16_16(f));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(a.y) + o, mk, f);
+    }
+  }
+}
+
+typedef void (*PackedTileFn)(const PackedArgs&, int64_t, int64_t);
+
+// [rows-1][panels-1]: every tail shape gets an exact-size kernel, so no
+// padded rows are computed and no row pointer has to be clamped.
+#define PYSPARSE_TILE_ROW(mr, u) {packed_tile<mr, 1, u>, packed_tile<mr, 2, u>, packed_tile<mr, 3, u>}
+const PackedTileFn kPackedTiles[8][3] = {PYSPARSE_TILE_ROW(1, 4), PYSPARSE_TILE_ROW(2, 2), PYSPARSE_TILE_ROW(3, 1),
+                                         PYSPARSE_TILE_ROW(4, 1), PYSPARSE_TILE_ROW(5, 1), PYSPARSE_TILE_ROW(6, 1),
+                                         PYSPARSE_TILE_ROW(7, 1), PYSPARSE_TILE_ROW(8, 1)};
+#undef PYSPARSE_TILE_ROW
+
+}  // namespace
+
+int64_t quantize_rows_avx512_vnni(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1,
+                                  int8_t* q, float* scale, int32_t* rowsum) {
+  return quant_rows<false>(x, dt, K, K, m0, m1, q, scale, rowsum);
+}
+
+int64_t quantize_rows_u8_avx512_vnni(const void* x, DType dt, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                                     uint8_t* out, float* scale) {
+  return quant_rows<true>(x, dt, K, Kp, m0, m1, out, scale, nullptr);
 }
 
 void row_sums_avx512_vnni(const int8_t* xq, int64_t K, int64_t m0, int64_t m1, int32_t* rowsum) {
@@ -255,6 +408,43 @@ void gemm_block_avx512_vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n
     else if (rem == 2) run_rows<2, 8>(a, m, 2, n, nv);
     else if (rem == 1) run_rows<1, 16>(a, m, 1, n, nv);
   }
+}
+
+void gemm_packed_block_avx512_vnni(const PackedArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  // 48-column (3-panel) weight blocks, each swept over all rows of the block
+  // 8 rows at a time: the block (48*Kp bytes) is read from memory once and
+  // then served from L2 to the following row groups. (Cutting K into
+  // L1-sized chunks swept over all row groups, with partial sums parked in
+  // memory, measured no faster on Zen 4 at M = 32..512, K = 1536..4096, so
+  // the simpler full-K tile stays.)
+  for (int64_t n = n0; n < n1; n += 48) {
+    const int64_t nv = n1 - n < 48 ? n1 - n : 48;
+    const int np = int((nv + 15) / 16);
+    for (int64_t m = m0; m < m1; m += 8) {
+      const int mr = m1 - m < 8 ? int(m1 - m) : 8;
+      kPackedTiles[mr - 1][np - 1](a, m, n);
+    }
+  }
+}
+
+int64_t peak_loop_avx512_vnni(int64_t iters) {
+  // 12 independent accumulator chains: more than vpdpbusd latency x
+  // throughput on current cores, so the loop is throughput bound.
+  // (Every loop over acc[] is fully unrolled so GCC keeps it in registers.)
+  __m512i acc[12];
+#pragma GCC unroll 12
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+  __m512i x = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-5);
+  __asm__("" : "+v"(x), "+v"(w));
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) dpbusd(acc[i], x, w);
+  }
+  __m512i s = acc[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, acc[i]);
+  __asm__ volatile("" : : "v"(s));  // keep the chains alive
+  return iters * 12 * 64;
 }
 
 }}}  // namespace pysparse::cpu::detail

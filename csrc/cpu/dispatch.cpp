@@ -8,6 +8,7 @@
 // and each RangeFn call handed to ParallelFor owns disjoint rows / blocks.
 #include <atomic>
 #include <cctype>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -268,6 +269,121 @@ void gemm_impl(Isa isa, const detail::GemmArgs& a, ParallelFor pf) {
   run_pf(pf, tasks, grain, &c, gemm_range);
 }
 
+// ---------------------------------------------------------------- packed path
+// 64-byte aligned scratch (activation rows are read as 4/8-byte broadcasts;
+// the alignment only keeps a row start from splitting a cache line).
+struct AlignedBuf {
+  std::unique_ptr<unsigned char[]> raw;
+  void* p = nullptr;
+  explicit AlignedBuf(size_t bytes) : raw(new unsigned char[bytes + 64]) {
+    const uintptr_t u = reinterpret_cast<uintptr_t>(raw.get());
+    p = raw.get() + ((64 - (u & 63)) & 63);
+  }
+};
+
+struct PackedQuantCtx {
+  Isa isa;
+  const void* x;
+  DType dt;
+  int64_t K, Kp;
+  void* out;
+  float* scale;
+  std::atomic<int64_t> bad{INT64_MAX};
+};
+
+void packed_quant_range(void* p, int64_t b, int64_t e) {
+  auto* c = static_cast<PackedQuantCtx*>(p);
+  int64_t r;
+  switch (c->isa) {
+    case kAvx512Vnni: case kAmx:
+      r = detail::quantize_rows_u8_avx512_vnni(c->x, c->dt, c->K, c->Kp, b, e, static_cast<uint8_t*>(c->out),
+                                               c->scale);
+      break;
+    case kAvx2:
+      r = detail::quantize_rows_s16_avx2(c->x, c->dt, c->K, c->Kp, b, e, static_cast<int16_t*>(c->out), c->scale);
+      break;
+    default:
+      r = detail::quantize_rows_ref(c->x, c->dt, c->K, b, e, static_cast<int8_t*>(c->out), c->scale, nullptr);
+      break;
+  }
+  if (r < 0) return;
+  int64_t cur = c->bad.load(std::memory_order_relaxed);
+  while (r < cur && !c->bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
+}
+
+struct PackedCtx {
+  Isa isa;
+  detail::PackedArgs a;
+  int64_t mc, nc, tiles_m;
+};
+
+void packed_range(void* p, int64_t b, int64_t e) {
+  const auto* c = static_cast<const PackedCtx*>(p);
+  for (int64_t t = b; t < e; ++t) {
+    // n-major task order: the tasks of one ParallelFor chunk share column
+    // blocks, so each thread streams its part of w from memory once.
+    const int64_t ni = t / c->tiles_m, mi = t % c->tiles_m;
+    const int64_t m0 = mi * c->mc, m1 = m0 + c->mc < c->a.M ? m0 + c->mc : c->a.M;
+    const int64_t n0 = ni * c->nc, n1 = n0 + c->nc < c->a.N ? n0 + c->nc : c->a.N;
+    switch (c->isa) {
+      case kAvx512Vnni: case kAmx: detail::gemm_packed_block_avx512_vnni(c->a, m0, m1, n0, n1); break;
+      case kAvx2: detail::gemm_packed_block_avx2(c->a, m0, m1, n0, n1); break;
+      default: detail::gemm_packed_block_ref(c->a, m0, m1, n0, n1); break;
+    }
+  }
+}
+
+void packed_gemm_impl(Isa isa, const detail::PackedArgs& a, ParallelFor pf) {
+  PackedCtx c;
+  c.isa = isa;
+  c.a = a;
+  // Column blocks are multiples of 48 = the VNNI micro-kernel width (3
+  // panels), so no chunk boundary leaves a narrower block behind (16, the
+  // AVX2 width, divides it too); row blocks are multiples of 8 (its height).
+  // Small M (decode, short queries): one row block holding all of M and
+  // 48-column tasks, so each weight byte is read from memory exactly once
+  // and the threads split the weight between them; the block functions keep
+  // a 48-column w block cache-resident while they sweep the rows over it.
+  // Large M: tiles of mc rows x nc columns sized so that the x rows (mc*Kp)
+  // and the w columns (nc*Kp) of one tile fit in L2 together; consecutive
+  // tasks share the column block, which then also stays in L2.
+  const int64_t abytes = isa == kAvx2 ? 2 : 1;
+  int64_t mc = a.M, nc = 48;
+  if (a.M > 32) {
+    mc = (int64_t(256) << 10) / (a.Kp * abytes);
+    mc = mc < 32 ? 32 : (mc > 256 ? 256 : mc);
+    mc &= ~int64_t(7);
+    if (mc > a.M) mc = a.M;
+    nc = (int64_t(256) << 10) / a.Kp / 48 * 48;
+    nc = nc < 48 ? 48 : (nc > 480 ? 480 : nc);
+  }
+  // At least 8 tasks where the shape allows, so that every thread gets
+  // work and the contiguous chunks a ParallelFor hands out stay balanced:
+  // first narrow the column blocks (threads then read disjoint weights),
+  // then the row blocks.
+  auto tiles = [&](int64_t m, int64_t n) { return ((a.M + m - 1) / m) * ((a.N + n - 1) / n); };
+  while (tiles(mc, nc) < 8) {
+    if (nc > 48) {
+      nc = nc / 2 / 48 * 48;
+      if (nc < 48) nc = 48;
+      continue;
+    }
+    // Halve the row block, rounded up to the micro-kernel height 8; stop
+    // once that no longer shrinks it (mc <= 8), so mc stays >= 1.
+    const int64_t half = (mc / 2 + 7) / 8 * 8;
+    if (half < 8 || half >= mc) break;
+    mc = half;
+  }
+  c.mc = mc;
+  c.nc = nc;
+  c.tiles_m = (a.M + mc - 1) / mc;
+  const int64_t tiles_n = (a.N + nc - 1) / nc;
+  // Grain: tasks below ~256K MACs in total are not worth a thread hand-off.
+  const int64_t task_macs = mc * nc * a.K;
+  const int64_t grain = (int64_t(1) << 18) / (task_macs > 0 ? task_macs : 1) + 1;
+  run_pf(pf, tiles_n * c.tiles_m, grain, &c, packed_range);
+}
+
 }  // namespace
 
 Isa detected_isa() { return cpu_info().detected; }
@@ -326,6 +442,94 @@ void int8_gemm_s32(Isa isa, const int8_t* xq, int64_t M, int64_t K, const int8_t
   detail::GemmArgs a{};
   a.xq = xq; a.xsum = xsum.get(); a.w = w_q; a.M = M; a.K = K; a.N = N; a.acc = acc;
   gemm_impl(isa, a, pf);
+}
+
+void pack_int8_vnni16(const int8_t* w, int64_t N, int64_t K, int8_t* packed, int32_t* colsum) {
+  if (N <= 0 || K <= 0) return;
+  const int64_t KG = (K + 3) / 4, NB = (N + 15) / 16, Kfull = K / 4 * 4;
+  // Row by row: each source row is read sequentially (and summed in the
+  // same pass) and scattered in 4-byte groups with a 64-byte stride into
+  // its panel, which stays cache resident while its 16 rows are written.
+  for (int64_t n = 0; n < NB * 16; ++n) {
+    int8_t* dst = packed + (n / 16) * KG * 64 + (n % 16) * 4;
+    if (n >= N) {  // padded column: zeros, colsum 0
+      for (int64_t kg = 0; kg < KG; ++kg) std::memset(dst + kg * 64, 0, 4);
+      colsum[n] = 0;
+      continue;
+    }
+    const int8_t* src = w + n * K;
+    uint32_t sum = 0;  // wrapping, like every int32 sum of the contract
+    for (int64_t k = 0; k < K; ++k) sum += uint32_t(int32_t(src[k]));
+    colsum[n] = int32_t(sum);
+    for (int64_t k = 0; k < Kfull; k += 4) std::memcpy(dst + k * 16, src + k, 4);
+    if (Kfull < K) {  // K tail: the last group is zero-padded
+      int8_t t[4] = {0, 0, 0, 0};
+      std::memcpy(t, src + Kfull, size_t(K - Kfull));
+      std::memcpy(dst + Kfull * 16, t, 4);
+    }
+  }
+}
+
+int64_t int8_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t K, const int8_t* w_packed,
+                           const int32_t* w_colsum, const float* w_scale, const float* bias, int64_t N, void* y,
+                           ParallelFor pf) {
+  if (M <= 0 || K <= 0 || N <= 0) return -1;
+  isa = effective(isa);
+  const int64_t Kp = (K + 3) / 4 * 4;
+  // x is quantized once, up front and in parallel, into the form the GEMM of
+  // this path consumes (u8 q+128 for vpdpbusd, int16 q for vpmaddwd, plain
+  // q for ref), rows padded to Kp with zeros so the 4-k broadcasts of the K
+  // tail stay inside the buffer and contribute nothing.
+  const int64_t row_bytes = isa == kAvx2 ? 2 * Kp : (isa == kRef ? K : Kp);
+  AlignedBuf abuf(size_t(M * row_bytes));
+  std::unique_ptr<float[]> xs(new float[size_t(M)]);
+  PackedQuantCtx qc;
+  qc.isa = isa; qc.x = x; qc.dt = dt; qc.K = K; qc.Kp = Kp; qc.out = abuf.p; qc.scale = xs.get();
+  run_pf(pf, M, (16384 + K - 1) / K, &qc, packed_quant_range);
+  const int64_t bad = qc.bad.load();
+  if (bad != INT64_MAX) return bad;
+  detail::PackedArgs a{};
+  a.a = abuf.p; a.wp = w_packed; a.colsum = w_colsum; a.M = M; a.K = K; a.N = N; a.Kp = Kp;
+  a.xs = xs.get(); a.ws = w_scale; a.bias = bias; a.y = y; a.dt = dt;
+  packed_gemm_impl(isa, a, pf);
+  return -1;
+}
+
+double int8_peak_gops(Isa isa, double seconds) {
+  isa = effective(isa);
+  if (!(seconds >= 1e-3)) seconds = 1e-3;  // also catches NaN
+  if (seconds > 10) seconds = 10;
+  auto run = [isa](int64_t iters) -> int64_t {
+    switch (isa) {
+      case kAvx512Vnni: case kAmx: return detail::peak_loop_avx512_vnni(iters);
+      case kAvx2: return detail::peak_loop_avx2(iters);
+      default: return detail::peak_loop_ref(iters);
+    }
+  };
+  typedef std::chrono::steady_clock clk;
+  auto since = [](clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); };
+  // Grow the batch until it takes >= 1/8 of the budget (this also warms the
+  // core up to its vector clock), then time batches until the budget is
+  // spent and keep the best rate: the peak is a property of the core, and on
+  // a shared machine the best batch is the one least disturbed.
+  const clk::time_point start = clk::now();
+  int64_t iters = 1024;
+  double best = 0;
+  for (;;) {
+    const clk::time_point t0 = clk::now();
+    const int64_t macs = run(iters);
+    const double dt = since(t0);
+    if (dt > 0) {
+      const double rate = 2.0 * double(macs) / dt * 1e-9;
+      if (dt >= seconds / 8 && rate > best) best = rate;
+    }
+    if (dt < seconds / 8) {
+      iters *= 2;
+      continue;
+    }
+    if (since(start) >= seconds) break;
+  }
+  return best;
 }
 
 }}  // namespace pysparse::cpu

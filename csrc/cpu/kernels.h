@@ -63,6 +63,47 @@ int64_t quantize_per_token(Isa isa, const void* x, DType dt, int64_t M, int64_t 
 // Returns -1 on success or the first row index with NaN/Inf in x (y is then left untouched).
 int64_t int8_linear(Isa isa, const void* x, DType dt, int64_t M, int64_t K, const int8_t* w_q, const float* w_scale, const float* bias, int64_t N, void* y, ParallelFor pf);
 
+// ---------------------------------------------------------------- packed weights ("vnni16")
+// Layout of a weight w_q int8 [N,K] packed for the packed-weight path, with
+// Kp = ceil(K/4)*4 and Np = ceil(N/16)*16:
+//   packed int8 [Np/16][Kp/4][16][4],  packed[nb][kg][j][t] = w[nb*16+j][kg*4+t]  (0 where out of range)
+//   colsum int32 [Np],                 colsum[n] = sum_k w[n][k]                     (0 for n >= N)
+// One 16-column panel nb is 16*Kp contiguous bytes whose K loop walks 64-byte
+// lines (16 columns x 4 consecutive k): exactly one zmm operand of vpdpbusd,
+// so the GEMM streams each weight byte once with no horizontal reductions.
+// colsum lets the VNNI path feed the activation as u8 = q + 128 (vpdpbusd is
+// u8 x s8) and correct exactly: dot(q+128, w) - 128*colsum = dot(q, w).
+// Padding entries of `packed` are never read into a result (k >= K meets a
+// zero activation, n >= N is not stored), but pack_int8_vnni16 zeroes them.
+// (No inline size helpers here on purpose: this header is included by the
+// per-ISA files, and an inline function emitted out of line in an AVX-512 TU
+// could be the copy the linker keeps; see impl.h.)
+
+// Packs w int8 [N,K] row-major into `packed` (Np*Kp bytes) and `colsum` (Np
+// int32) as above. Plain C++ (no SIMD, no threads); N, K <= 0 is a no-op.
+void pack_int8_vnni16(const int8_t* w, int64_t N, int64_t K, int8_t* packed, int32_t* colsum);
+
+// W8A8 linear on a vnni16-packed weight: the same math and output contract as
+// int8_linear on the canonical weight it was packed from (y bitwise identical
+// to int8_linear on every path, same NaN/Inf row return value, y untouched
+// then). w_packed: Np*Kp bytes; w_colsum: at least N int32 (only [0,N) is
+// read) and must equal the column sums of that weight (the ref path ignores
+// it and computes dot(q, w) directly, which is what makes it the oracle);
+// w_scale fp32 [N]; bias fp32 [N] or null; y [M,N] of dt, not aliasing inputs.
+// Internally allocates the quantized activation (about M*Kp bytes, twice that
+// on the AVX2 path); no other per-call work is O(N*K).
+int64_t int8_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t K, const int8_t* w_packed,
+                           const int32_t* w_colsum, const float* w_scale, const float* bias, int64_t N, void* y,
+                           ParallelFor pf);
+
+// Measured single-thread int8 multiply-accumulate peak of a path (after the
+// usual fall-down): a register-only loop of independent vpdpbusd zmm (VNNI)
+// or vpmaddubsw+vpmaddwd+vpaddd ymm (AVX2, 32 MACs per triple) run for about
+// `seconds` (clamped to [1e-3, 10]) on the calling thread; returns GOP/s
+// (2 ops per MAC). The ref path returns the same measure for a scalar
+// int32 multiply-add loop.
+double int8_peak_gops(Isa isa, double seconds);
+
 // Exposed for tests: the raw int32 GEMM acc[M,N] = xq[M,K] * w_q[N,K]^T on the given ISA path.
 // Any int8 values are allowed in both operands (including -128).
 void int8_gemm_s32(Isa isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w_q, int64_t N, int32_t* acc, ParallelFor pf);

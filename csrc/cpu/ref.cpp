@@ -47,6 +47,18 @@ inline float opaque(float v) {
   return v;
 }
 
+// The W8A8 epilogue for one output, shared by both ref GEMMs so the rounding
+// sequence of the contract is written exactly once.
+inline void store_y(int32_t v, float xs, float ws, const float* bias, DType dt, void* y, int64_t o) {
+  float f = static_cast<float>(v) * xs;
+  f = f * ws;
+  if (bias) f = opaque(f) + *bias;
+  if (dt == kBF16)
+    static_cast<uint16_t*>(y)[o] = f32_to_bf16(f);
+  else
+    static_cast<float*>(y)[o] = f;
+}
+
 }  // namespace
 
 int64_t quantize_rows_ref(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1,
@@ -91,15 +103,48 @@ void gemm_block_ref(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64
         a.acc[o] = v;
         continue;
       }
-      float f = static_cast<float>(v) * a.xs[m];
-      f = f * a.ws[n];
-      if (a.bias) f = opaque(f) + a.bias[n];
-      if (a.dt == kBF16)
-        static_cast<uint16_t*>(a.y)[o] = f32_to_bf16(f);
-      else
-        static_cast<float*>(a.y)[o] = f;
+      store_y(v, a.xs[m], a.ws[n], a.bias ? a.bias + n : nullptr, a.dt, a.y, o);
     }
   }
+}
+
+// The oracle for the packed path: reads w through the vnni16 index formula
+// (packed[nb][kg][j][t] = w[nb*16+j][kg*4+t]) and multiplies the signed q
+// directly, so it depends on neither colsum nor the padding, and checks the
+// u8/colsum correction of the SIMD paths instead of repeating it.
+void gemm_packed_block_ref(const PackedArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, N = a.N, Kp = a.Kp;
+  const int8_t* q = static_cast<const int8_t*>(a.a);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* xr = q + m * K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* col = a.wp + (n / 16) * 16 * Kp + (n % 16) * 4;
+      uint32_t acc = 0;  // wrapping int32 arithmetic, same as the SIMD paths
+      for (int64_t k = 0; k < K; ++k)
+        acc += static_cast<uint32_t>(int32_t(xr[k]) * int32_t(col[(k / 4) * 64 + (k % 4)]));
+      store_y(static_cast<int32_t>(acc), a.xs[m], a.ws[n], a.bias ? a.bias + n : nullptr, a.dt, a.y, m * N + n);
+    }
+  }
+}
+
+int64_t peak_loop_ref(int64_t iters) {
+  // 8 independent scalar multiply-add chains. The empty asm statements make
+  // the multiplicands opaque every iteration, so the compiler can neither
+  // hoist the products out of the loop nor vectorize it: this measures the
+  // scalar path, which is what the ref kernels run.
+  uint32_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  uint32_t x[8] = {3, 4, 5, 6, 7, 8, 9, 10};
+  const uint32_t w = 5;
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      __asm__("" : "+r"(x[j]));
+      acc[j] += x[j] * w;
+    }
+  }
+  uint32_t s = 0;
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  __asm__ volatile("" : : "r"(s));  // keep the result alive
+  return iters * 8;
 }
 
 }}}  // namespace pysparse::cpu::detail
