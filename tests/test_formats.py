@@ -75,3 +75,17 @@ def test_sparse24_errors():
     bad = torch.full((1, 1), 0x00, dtype=torch.uint8)  # code 0: i0 == i1 == 0
     with pytest.raises(ValueError, match="corrupt meta"):
         sparse24.decompress(torch.zeros(1, 4), bad)
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (16, 4), (17, 5), (33, 18), (384, 1536)])
+def test_pack_vnni16_layout(N, K):
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    packed, colsum = int8.pack_vnni16(q)
+    Np, Kp = -(-N // 16) * 16, -(-K // 4) * 4
+    assert packed.shape == (Np // 16, Kp // 4, 64) and colsum.shape == (Np,)
+    n, k = torch.randint(0, N, (50,)), torch.randint(0, K, (50,))
+    assert torch.equal(packed[n // 16, k // 4, 4 * (n % 16) + k % 4], q[n, k])  # the spec formula
+    assert torch.equal(colsum[:N], q.sum(1, dtype=torch.int32)) and not colsum[N:].any()
+    assert torch.equal(int8.unpack_vnni16(packed, N, K), q)
+    with pytest.raises(ValueError, match="expected"):
+        int8.unpack_vnni16(packed, N + 16, K)

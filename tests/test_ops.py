@@ -61,6 +61,35 @@ def test_int8_linear(backend, M, K, N, dtype, bias):
     _opcheck(OPS.int8_linear.default, (x, w_q, w_s, b))
 
 
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K,N", KN + [(17, 48)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_packed(backend, M, K, N, dtype):
+    x = torch.randn(M, K).to(dtype)
+    w_q, w_s = _int8_weight(N, K)
+    packed, colsum = int8.pack_vnni16(w_q)
+    b = torch.randn(N)
+    y = OPS.int8_linear_packed(x, packed, colsum, w_s, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    torch.testing.assert_close(y, reference.int8_linear(x, w_q, w_s, b),
+                               **tolerances.QUANT_EPILOGUE[dtype])
+    _opcheck(OPS.int8_linear_packed.default, (x, packed, colsum, w_s, b))
+
+
+def test_int8_linear_packed_bad_buffers(backend):
+    w_q, w_s = _int8_weight(20, 12)
+    packed, colsum = int8.pack_vnni16(w_q)
+    x = torch.randn(3, 12)
+    with pytest.raises(ValueError, match="must hold"):
+        OPS.int8_linear_packed(x, packed[:1], colsum, w_s, None)
+    with pytest.raises(ValueError, match="must hold"):
+        OPS.int8_linear_packed(x, packed, colsum[:16], w_s, None)
+    with pytest.raises(ValueError, match="must hold"):  # x's K does not match the packing
+        OPS.int8_linear_packed(torch.randn(3, 20), packed, colsum, w_s, None)
+    with pytest.raises(ValueError, match="w_colsum must have dtype int32"):
+        OPS.int8_linear_packed(x, packed, colsum.long(), w_s, None)
+
+
 def test_int8_linear_matches_float_layer(backend):
     x, w = torch.randn(64, 384), torch.randn(256, 384)
     w_q, w_s = int8.quantize_weight(w)

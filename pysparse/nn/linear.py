@@ -61,30 +61,73 @@ class _PackedLinear(nn.Module):
         return getattr(torch.ops.pysparse, op)(*args)
 
 
+def default_layout(backend, device) -> str:
+    """"vnni16" (packed for the CPU kernels) where they will run, else "canonical"."""
+    from ..ops.backends import cpu
+    if torch.device(device).type == "cpu" and backend in (None, "cpu") and cpu._C is not None:
+        return "vnni16"
+    return "canonical"
+
+
 class Int8Linear(_PackedLinear):
-    """W8A8: int8 weight per output channel, activations int8 per token at run time."""
+    """W8A8: int8 weight per output channel, activations int8 per token at run time.
+
+    layout "canonical" holds ``weight_q`` int8 [N, K]; layout "vnni16" (the default where the CPU
+    kernels run) holds ``weight_packed`` / ``weight_colsum`` as formats.int8.pack_vnni16 makes
+    them, packed once here so forward streams them as they are.
+    """
 
     scheme = "w8a8"
+    LAYOUTS = ("canonical", "vnni16")
 
-    def __init__(self, in_features, out_features, bias=True, backend=None):
+    def __init__(self, in_features, out_features, bias=True, backend=None, layout="canonical"):
         super().__init__(in_features, out_features, backend)
-        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"pysparse.Int8Linear: unknown layout {layout!r}; choose one of "
+                             f"{self.LAYOUTS}")
+        self.layout = layout
+        N, K = out_features, in_features
+        if layout == "vnni16":
+            Np, Kp = -(-N // _int8.VNNI_N) * _int8.VNNI_N, -(-K // _int8.VNNI_K) * _int8.VNNI_K
+            self.register_buffer("weight_packed", torch.zeros(Np // _int8.VNNI_N,
+                                                              Kp // _int8.VNNI_K, 64,
+                                                              dtype=torch.int8))
+            self.register_buffer("weight_colsum", torch.zeros(Np, dtype=torch.int32))
+        else:
+            self.register_buffer("weight_q", torch.zeros(N, K, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(N))
+        self.register_buffer("bias", torch.zeros(N) if bias else None)
 
     @classmethod
-    def from_linear(cls, module, backend=None):
+    def from_linear(cls, module, backend=None, layout=None):
         w = linear_weight(module)
-        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
-        out.weight_q, out.weight_scale = _int8.quantize_weight(w)
+        layout = layout or default_layout(backend, w.device)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend, layout=layout)
+        q, out.weight_scale = _int8.quantize_weight(w)
+        if layout == "vnni16":
+            out.weight_packed, out.weight_colsum = _int8.pack_vnni16(q)
+        else:
+            out.weight_q = q
         out._set_bias(module)
         return out.to(w.device)
 
     def forward(self, x):
+        if self.layout == "vnni16":
+            return self._run("int8_linear_packed", x, self.weight_packed, self.weight_colsum,
+                             self.weight_scale, self.bias)
         return self._run("int8_linear", x, self.weight_q, self.weight_scale, self.bias)
 
+    def int8_weight(self):
+        """The int8 weight [N, K] in canonical layout."""
+        if self.layout == "vnni16":
+            return _int8.unpack_vnni16(self.weight_packed, self.out_features, self.in_features)
+        return self.weight_q
+
     def dequantized_weight(self):
-        return _int8.dequantize_weight(self.weight_q, self.weight_scale)
+        return _int8.dequantize_weight(self.int8_weight(), self.weight_scale)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", layout={self.layout!r}"
 
 
 class Sparse24Linear(_PackedLinear):

@@ -52,6 +52,21 @@ def int8_weight(op, w_q, w_scale, device):
     return N, K
 
 
+def packed_int8_weight(op, x, w_packed, w_colsum, w_scale):
+    """Sizes of a vnni16-packed weight: N from w_scale, K from x; buffers must match exactly."""
+    tensor(op, "w_scale", w_scale, FLOAT_DTYPES, ndim=1, device=x.device)
+    tensor(op, "w_packed", w_packed, (torch.int8,), device=x.device, contiguous=True)
+    tensor(op, "w_colsum", w_colsum, (torch.int32,), ndim=1, device=x.device, contiguous=True)
+    N, K = w_scale.shape[0], (x.shape[-1] if x.dim() else 0)
+    if N < 1 or K < 1:
+        _fail(op, f"need N >= 1 (w_scale) and K >= 1 (x's last dim), got N={N}, K={K}")
+    Np, Kp = -(-N // 16) * 16, -(-K // 4) * 4
+    if w_packed.numel() != Np * Kp or w_colsum.shape[0] != Np:
+        _fail(op, f"w_packed must hold {Np}x{Kp} int8 and w_colsum {Np} int32 for N={N}, K={K} "
+                  f"(x [..., {K}]); got {w_packed.numel()} and {w_colsum.shape[0]}")
+    return N, K
+
+
 def sparse24_weight(op, values, meta, device, value_dtypes):
     tensor(op, "values", values, value_dtypes, ndim=2, device=device, contiguous=True)
     tensor(op, "meta", meta, (torch.uint8,), ndim=2, device=device, contiguous=True)

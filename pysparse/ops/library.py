@@ -7,8 +7,8 @@ DESIGN.md; outputs have ``x``'s dtype and shape ``[..., N]``.
 import torch
 
 NAMESPACE = "pysparse"
-OPS = ("quantize_per_token", "int8_linear", "sparse24_linear", "sparse24_int8_linear",
-       "attention")
+OPS = ("quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
+       "sparse24_int8_linear", "attention")
 
 # x [..., K] float -> q int8 [..., K], scale fp32 [...]:  x ≈ q * scale[..., None]
 torch.library.define("pysparse::quantize_per_token", "(Tensor x) -> (Tensor, Tensor)")
@@ -28,6 +28,18 @@ torch.library.define("pysparse::int8_linear",
 @torch.library.register_fake("pysparse::int8_linear")
 def _(x, w_q, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+# W8A8 on a CPU-packed weight (formats.int8.pack_vnni16): w_packed int8 [Np/16, Kp/4, 64],
+# w_colsum int32 [Np]; N = w_scale.shape[0], K = x.shape[-1]. Same result as int8_linear.
+torch.library.define(
+    "pysparse::int8_linear_packed",
+    "(Tensor x, Tensor w_packed, Tensor w_colsum, Tensor w_scale, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("pysparse::int8_linear_packed")
+def _(x, w_packed, w_colsum, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
 
 
 # 2:4 sparse: values [N, K/2] (x's float dtype), meta uint8 [N, ceil(K/8)]

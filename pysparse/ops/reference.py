@@ -69,6 +69,17 @@ def int8_linear(x, w_q, w_scale, bias=None):
     return _quantized_linear("int8_linear", x, w_q, w_scale, bias)
 
 
+def int8_linear_packed(x, w_packed, w_colsum, w_scale, bias=None):
+    """int8_linear on a weight packed by formats.int8.pack_vnni16 (N = len(w_scale), K = x's
+    last dim). w_colsum is a cache the kernels use (sum_k of each packed row); it does not
+    change the definition, which is int8_linear on the unpacked weight."""
+    op = "int8_linear_packed"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.packed_int8_weight(op, x, w_packed, w_colsum, w_scale)
+    w_q = _int8.unpack_vnni16(w_packed, N, K)
+    return int8_linear(x, w_q, w_scale, bias)
+
+
 def sparse24_linear(x, values, meta, bias=None):
     """2:4 sparse linear in float: y = x @ decompress(values, meta).T + bias, computed in fp32,
     cast to x.dtype. values [N, K/2] float, meta uint8 [N, ceil(K/8)]."""

@@ -59,8 +59,8 @@ def register_all() -> None:
     global _registered
     if _registered:
         return
-    for op in ("quantize_per_token", "int8_linear", "sparse24_linear", "sparse24_int8_linear",
-               "attention"):
+    from ..library import OPS
+    for op in OPS:
         torch.library.impl(f"pysparse::{op}", "CompositeExplicitAutograd",
                            getattr(reference, op))
     from . import cpu

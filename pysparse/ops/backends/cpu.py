@@ -68,6 +68,21 @@ def int8_linear(x, w_q, w_scale, bias=None):
     return y.reshape(*x.shape[:-1], N)
 
 
+def int8_linear_packed(x, w_packed, w_colsum, w_scale, bias=None):
+    if not native_ok(x):
+        return reference.int8_linear_packed(x, w_packed, w_colsum, w_scale, bias)
+    op = "int8_linear_packed"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.packed_int8_weight(op, x, w_packed, w_colsum, w_scale)
+    checks.bias(op, bias, N, x.device)
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], N))
+    y = _C.int8_linear_packed(x2.contiguous(), w_packed, w_colsum, _as_fp32(w_scale),
+                              _as_fp32(bias), N)
+    return y.reshape(*x.shape[:-1], N)
+
+
 def sparse24_linear(x, values, meta, bias=None):
     if not native_ok(x):
         return reference.sparse24_linear(x, values, meta, bias)
@@ -89,5 +104,6 @@ def sparse24_int8_linear(x, values_q, meta, w_scale, bias=None):
 
 
 def register():
-    for op in ("quantize_per_token", "int8_linear", "sparse24_linear", "sparse24_int8_linear"):
+    for op in ("quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
+               "sparse24_int8_linear"):
         torch.library.impl(f"pysparse::{op}", "CPU", globals()[op])
