@@ -44,8 +44,12 @@ def _extensions():
                       "will run on the reference backend. Set PYSPARSE_STRICT_BUILD=1 to fail.",
                       file=sys.stderr)
 
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: ATen's at::parallel_for is header-inline `#pragma omp parallel`; without the
+    # flag bindings.cpp would silently run every kernel on one thread. The kernels themselves
+    # use no OpenMP. At run time libgomp.so.1 resolves to the copy torch already loaded.
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     exts = [CppExtension("pysparse._C", _cpu_sources(), extra_compile_args={"cxx": cxx},
+                         extra_link_args=["-fopenmp"],
                          include_dirs=[os.path.join(ROOT, "csrc")])]
     return exts, {"build_ext": TolerantBuild.with_options(use_ninja=True)}
 

@@ -186,6 +186,11 @@ pybind11::dict info() {
   d["active_isa"] = cpu::isa_name(cpu::active_isa());
   d["features"] = cpu::cpu_features();
   d["isa_error"] = cpu::isa_error();
+#ifdef _OPENMP
+  d["parallel"] = true;  // at::parallel_for really forks (ATen's OpenMP backend is header-inline)
+#else
+  d["parallel"] = false;  // built without -fopenmp: every kernel would run on one thread
+#endif
   return d;
 }
 

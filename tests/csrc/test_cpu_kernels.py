@@ -92,6 +92,11 @@ def test_binding_rejects_bad_tensors():
         C.isa_id("sse9")
 
 
+def test_built_with_parallel_for():
+    # ATen's at::parallel_for is inline OpenMP: without -fopenmp the kernels silently use 1 thread
+    assert C.info()["parallel"] is True
+
+
 def test_threads_do_not_change_results():
     x, w, s = torch.randn(67, 385), _i8(333, 385), torch.rand(333)
     n = torch.get_num_threads()

@@ -15,14 +15,22 @@ NAMES = ("cpu", "cuda", "triton", "reference")
 ENV = "PYSPARSE_BACKEND"
 
 
+_forced_cache = (None, None)  # (raw env value, parsed) — ops read it on every call
+
+
 def forced() -> str | None:
     """The backend named by PYSPARSE_BACKEND, validated; None when unset or 'auto'."""
-    name = os.environ.get(ENV, "").strip().lower()
+    global _forced_cache
+    raw = os.environ.get(ENV)
+    if raw == _forced_cache[0]:
+        return _forced_cache[1]
+    name = (raw or "").strip().lower()
     if name in ("", "auto"):
-        return None
-    if name not in NAMES:
+        name = None
+    elif name not in NAMES:
         raise ValueError(f"pysparse: {ENV}={name!r} is not a backend; choose one of "
                          f"{', '.join(NAMES)} or auto")
+    _forced_cache = (raw, name)
     return name
 
 

@@ -10,6 +10,7 @@ import torch
 
 from .. import checks, reference
 from ...formats import sparse24 as _sp24
+from . import forced
 
 try:
     _C = importlib.import_module("pysparse._C")
@@ -28,21 +29,26 @@ def status():
     why = f"C++ kernels, ISA {info['active_isa']}"
     if info["active_isa"] != info["detected_isa"]:
         why += f" (capped by PYSPARSE_CPU_ISA; CPU supports {info['detected_isa']})"
+    if not info.get("parallel", False):
+        why += "; WARNING: built without OpenMP, kernels run on one thread"
     if info["isa_error"]:
         why += f"; note: {info['isa_error']}"
     return True, why
 
 
 def native_ok(x) -> bool:
-    from . import forced
-    f = forced()
-    if f is not None and f != "cpu":
+    if _C is None or x.dtype not in _NATIVE_DTYPES:
         return False
-    return _C is not None and x.dtype in _NATIVE_DTYPES
+    f = forced()
+    return f is None or f == "cpu"
 
 
-def _as_fp32(t):
-    return None if t is None else t.float().contiguous()
+def _rows(x, K):
+    return x if x.dim() == 2 else x.reshape(-1, K)
+
+
+def _unrows(y, x, N):
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
 def quantize_per_token(x):
@@ -54,33 +60,57 @@ def quantize_per_token(x):
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
+def _fp32(t):
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def _native(run, check):
+    """Hot path: call the C++ kernel straight away (it checks every size and dtype itself, so
+    nothing can be read out of bounds). Only if it refuses do we run the Python checks, so the
+    error the user sees is the canonical one shared with every other backend."""
+    try:
+        return run()
+    except (ValueError, RuntimeError, TypeError):
+        check()
+        raise
+
+
 def int8_linear(x, w_q, w_scale, bias=None):
     if not native_ok(x):
         return reference.int8_linear(x, w_q, w_scale, bias)
-    checks.tensor("int8_linear", "x", x, checks.FLOAT_DTYPES)
-    N, K = checks.int8_weight("int8_linear", w_q, w_scale, x.device)
-    checks.activation("int8_linear", x, K)
-    checks.bias("int8_linear", bias, N, x.device)
-    x2 = x.reshape(-1, K)
+    N, K = w_q.shape[0], x.shape[-1]
+    x2 = _rows(x, K)
     if x2.shape[0] == 0:
-        return x.new_empty((*x.shape[:-1], N))
-    y = _C.int8_linear(x2.contiguous(), w_q, _as_fp32(w_scale), _as_fp32(bias))
-    return y.reshape(*x.shape[:-1], N)
+        return reference.int8_linear(x, w_q, w_scale, bias)
+
+    def check():
+        checks.tensor("int8_linear", "x", x, checks.FLOAT_DTYPES)
+        n, k = checks.int8_weight("int8_linear", w_q, w_scale, x.device)
+        checks.activation("int8_linear", x, k)
+        checks.bias("int8_linear", bias, n, x.device)
+
+    y = _native(lambda: _C.int8_linear(x2.contiguous(), w_q, _fp32(w_scale), _fp32(bias)),
+                check)
+    return _unrows(y, x, N)
 
 
 def int8_linear_packed(x, w_packed, w_colsum, w_scale, bias=None):
-    if not native_ok(x):
+    if not native_ok(x) or x.dim() < 1 or w_scale.dim() != 1:
         return reference.int8_linear_packed(x, w_packed, w_colsum, w_scale, bias)
-    op = "int8_linear_packed"
-    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
-    N, K = checks.packed_int8_weight(op, x, w_packed, w_colsum, w_scale)
-    checks.bias(op, bias, N, x.device)
-    x2 = x.reshape(-1, K)
+    N, K = w_scale.shape[0], x.shape[-1]
+    x2 = _rows(x, K)
     if x2.shape[0] == 0:
-        return x.new_empty((*x.shape[:-1], N))
-    y = _C.int8_linear_packed(x2.contiguous(), w_packed, w_colsum, _as_fp32(w_scale),
-                              _as_fp32(bias), N)
-    return y.reshape(*x.shape[:-1], N)
+        return reference.int8_linear_packed(x, w_packed, w_colsum, w_scale, bias)
+
+    def check():
+        op = "int8_linear_packed"
+        checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+        n, _ = checks.packed_int8_weight(op, x, w_packed, w_colsum, w_scale)
+        checks.bias(op, bias, n, x.device)
+
+    y = _native(lambda: _C.int8_linear_packed(x2.contiguous(), w_packed, w_colsum,
+                                              _fp32(w_scale), _fp32(bias), N), check)
+    return _unrows(y, x, N)
 
 
 def sparse24_linear(x, values, meta, bias=None):
