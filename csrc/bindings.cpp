@@ -43,6 +43,12 @@ void check_vec(const char* op, const char* name, const at::Tensor& t, int64_t n)
                     "] CPU tensor");
 }
 
+const float* bias_ptr(const char* op, const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return nullptr;
+  check_vec(op, "bias", *bias, n);
+  return bias->data_ptr<float>();
+}
+
 void raise_nonfinite(const char* op, int64_t row) {
   TORCH_CHECK_VALUE(row < 0, "pysparse.", op, ": x contains NaN or Inf (first at token row ",
                     row, "); int8 quantization of non-finite activations is undefined");
@@ -77,11 +83,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   TORCH_CHECK_VALUE(w_q.size(1) == K, "pysparse.int8_linear: x has K=", K, " but w_q is ",
                     w_q.sizes());
   check_vec(op, "w_scale", w_scale, N);
-  const float* bptr = nullptr;
-  if (bias.has_value()) {
-    check_vec(op, "bias", *bias, N);
-    bptr = bias->data_ptr<float>();
-  }
+  const float* bptr = bias_ptr(op, bias, N);
   auto y = at::empty({M, N}, x.options());
   int64_t bad;
   {
@@ -139,11 +141,7 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w_packed, c
                     "pysparse.int8_linear_packed: w_colsum must be a contiguous CPU int32 [>= ", N,
                     "] tensor, got ", w_colsum.scalar_type(), " ", w_colsum.sizes());
   check_vec(op, "w_scale", w_scale, N);
-  const float* bptr = nullptr;
-  if (bias.has_value()) {
-    check_vec(op, "bias", *bias, N);
-    bptr = bias->data_ptr<float>();
-  }
+  const float* bptr = bias_ptr(op, bias, N);
   auto y = at::empty({M, N}, x.options());
   int64_t bad;
   {
