@@ -16,9 +16,7 @@ import contextlib
 import copy
 import io
 import json
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -26,6 +24,7 @@ import torch
 import pysparse
 from pysparse.formats import int8
 from pysparse.ops.backends import cpu
+from timing import timeit
 
 SHAPES = {  # name: (K, N) of y = x @ W^T, W [N, K]
     "minilm.qkvo": (384, 384), "minilm.ffn_up": (384, 1536), "minilm.ffn_down": (1536, 384),
@@ -38,20 +37,6 @@ MS = (1, 8, 32, 128, 512, 2048)
 # model do. Smaller shapes are timed warm: a whole int8 MiniLM/BERT fits in the L3 cache.
 COLD_MIN_WEIGHT = 4 << 20
 COLD_BYTES = 256 << 20
-
-
-def timeit(fn, budget_s=0.25, min_reps=3, max_reps=200):
-    fn()
-    fn()
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return statistics.median(times), q(0.1), q(0.9)
 
 
 def stream_bandwidth_gbs():

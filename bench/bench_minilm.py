@@ -16,10 +16,8 @@ import io
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,21 +30,13 @@ import pysparse  # noqa: E402
 from pysparse.data import load_descriptions  # noqa: E402
 from pysparse.models import load_minilm  # noqa: E402
 from pysparse.report import cosine_fidelity, recall_at_k  # noqa: E402
+from timing import timeit  # noqa: E402
 
 SHAPES = ((1, 128), (8, 128), (32, 128), (1, 512))
 
 
-def _median_ms(fn, budget_s, min_reps=3, max_reps=100):
-    fn()
-    fn()
-    times = []
-    end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[int(0.1 * len(times))], times[min(len(times) - 1, int(0.9 * len(times)))]
+def _median_ms(fn, budget_s):
+    return tuple(t * 1e3 for t in timeit(fn, budget_s, max_reps=100))
 
 
 def _pool(hidden, mask):
