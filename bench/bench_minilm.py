@@ -113,6 +113,11 @@ def build_runners(base, tok, calib_texts, tmp, wanted, notes):
     ours = copy.deepcopy(base)
     pysparse.replace_linear(ours, "w8a8")
     runners["pysparse w8a8"] = TorchRunner(ours)
+    if "sparse" in wanted:  # one-shot magnitude 2:4 (fidelity is the pruning issue's business)
+        sp = copy.deepcopy(base)
+        pysparse.prune(sp, pattern="2:4")
+        pysparse.replace_linear(sp, "2:4+w8a8")
+        runners["pysparse 2:4+w8a8 (magnitude)"] = TorchRunner(sp)
     if "bf16" in wanted:
         runners["torch bf16"] = TorchRunner(copy.deepcopy(base).to(torch.bfloat16))
     if "ao" in wanted:
@@ -161,7 +166,8 @@ def build_runners(base, tok, calib_texts, tmp, wanted, notes):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer texts, shorter timing")
-    ap.add_argument("--peers", nargs="*", default=["bf16", "ao", "ort", "ov"])
+    ap.add_argument("--peers", nargs="*", default=["sparse", "bf16", "ao", "ort", "ov"],
+                    help="sparse = our 2:4+w8a8 on a magnitude-pruned copy")
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell")
     ap.add_argument("--json")

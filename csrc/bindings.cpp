@@ -171,6 +171,113 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_vnni16(const at::Tensor& w_q) {
   return {packed, colsum};
 }
 
+// ---------------------------------------------------------------- 2:4 sparse
+void check_sparse_meta(const char* op, const at::Tensor& values, const at::Tensor& meta, int64_t K) {
+  TORCH_CHECK_VALUE(K >= 4 && K % 4 == 0, "pysparse.", op, ": K must be a positive multiple of 4, got ", K);
+  TORCH_CHECK_VALUE(values.device().is_cpu() && values.dim() == 2 && values.is_contiguous() &&
+                        values.size(0) >= 1 && values.size(1) == K / 2,
+                    "pysparse.", op, ": values must be a contiguous CPU [N, ", K / 2, "] tensor, got ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(meta.device().is_cpu() && meta.scalar_type() == at::kByte && meta.is_contiguous() &&
+                        meta.dim() == 2 && meta.size(0) == values.size(0) && meta.size(1) == (K + 7) / 8,
+                    "pysparse.", op, ": meta must be a contiguous CPU uint8 [", values.size(0), ", ",
+                    (K + 7) / 8, "] tensor, got ", meta.scalar_type(), " ", meta.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse24_int8(const at::Tensor& values,
+                                                                  const at::Tensor& meta, int64_t K) {
+  const char* op = "pack_sparse24_int8";
+  check_sparse_meta(op, values, meta, K);
+  TORCH_CHECK_VALUE(values.scalar_type() == at::kChar, "pysparse.", op, ": values must be int8");
+  const int64_t N = values.size(0), NB = (N + 15) / 16, KB = (K + 7) / 8;
+  auto pv = at::empty({NB, KB, 64}, values.options());
+  auto pc = at::empty({NB, KB, 16}, meta.options());
+  auto cs = at::empty({NB * 16}, values.options().dtype(at::kInt));
+  {
+    pybind11::gil_scoped_release nogil;
+    cpu::pack_sparse24_int8(values.data_ptr<int8_t>(), meta.data_ptr<uint8_t>(), N, K, pv.data_ptr<int8_t>(),
+                            pc.data_ptr<uint8_t>(), cs.data_ptr<int32_t>());
+  }
+  return {pv, pc, cs};
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_sparse24_float(const at::Tensor& values, const at::Tensor& meta,
+                                                       int64_t K) {
+  const char* op = "pack_sparse24_float";
+  check_sparse_meta(op, values, meta, K);
+  const auto vdt = dtype_of(op, values);
+  const int64_t N = values.size(0), NB = (N + 15) / 16, G = K / 4;
+  auto pv = at::empty({NB, G, 32}, values.options());
+  auto pc = at::empty({NB, G}, values.options().dtype(at::kLong));
+  {
+    pybind11::gil_scoped_release nogil;
+    cpu::pack_sparse24_float(values.data_ptr(), vdt, meta.data_ptr<uint8_t>(), N, K, pv.data_ptr(),
+                             reinterpret_cast<uint64_t*>(pc.data_ptr<int64_t>()));
+  }
+  return {pv, pc};
+}
+
+void check_packed(const char* op, const at::Tensor& t, at::ScalarType st, int64_t want, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous() && t.numel() == want,
+                    "pysparse.", op, ": ", what, " must be a contiguous CPU ", c10::toString(st), " tensor of ",
+                    want, " elements (from N and x's K), got ", t.scalar_type(), " ", t.sizes());
+}
+
+at::Tensor sparse24_int8_linear_packed(const at::Tensor& x, const at::Tensor& w_values, const at::Tensor& w_codes,
+                                       const at::Tensor& w_colsum, const at::Tensor& w_scale,
+                                       const c10::optional<at::Tensor>& bias, int64_t N, int64_t isa) {
+  const char* op = "sparse24_int8_linear_packed";
+  check_x(op, x);
+  auto dt = dtype_of(op, x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(K % 4 == 0, "pysparse.", op, ": K (x.shape[-1]) must be a multiple of 4, got ", K);
+  TORCH_CHECK_VALUE(N >= 1 && N <= w_values.numel(), "pysparse.", op, ": bad N=", N);
+  const int64_t NB = (N + 15) / 16, KB = (K + 7) / 8;
+  check_packed(op, w_values, at::kChar, NB * KB * 64, "w_values");
+  check_packed(op, w_codes, at::kByte, NB * KB * 16, "w_codes");
+  check_packed(op, w_colsum, at::kInt, NB * 16, "w_colsum");
+  check_vec(op, "w_scale", w_scale, N);
+  const float* bptr = bias_ptr(op, bias, N);
+  auto y = at::empty({M, N}, x.options());
+  int64_t bad;
+  {
+    pybind11::gil_scoped_release nogil;
+    bad = cpu::sparse24_int8_linear_packed(pick_isa(isa), x.data_ptr(), dt, M, K, w_values.data_ptr<int8_t>(),
+                                           w_codes.data_ptr<uint8_t>(), w_colsum.data_ptr<int32_t>(),
+                                           w_scale.data_ptr<float>(), bptr, N, y.data_ptr(), torch_parallel_for);
+  }
+  raise_nonfinite(op, bad);
+  return y;
+}
+
+at::Tensor sparse24_linear_packed(const at::Tensor& x, const at::Tensor& w_values, const at::Tensor& w_codes,
+                                  const c10::optional<at::Tensor>& bias, int64_t N, int64_t isa) {
+  const char* op = "sparse24_linear_packed";
+  check_x(op, x);
+  auto dt = dtype_of(op, x);
+  const auto vdt = dtype_of(op, w_values);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(K % 4 == 0, "pysparse.", op, ": K (x.shape[-1]) must be a multiple of 4, got ", K);
+  TORCH_CHECK_VALUE(N >= 1 && N <= w_values.numel(), "pysparse.", op, ": bad N=", N);
+  const int64_t NB = (N + 15) / 16, G = K / 4;
+  check_packed(op, w_values, w_values.scalar_type(), NB * G * 32, "w_values");
+  check_packed(op, w_codes, at::kLong, NB * G, "w_codes");
+  const float* bptr = bias_ptr(op, bias, N);
+  auto y = at::empty({M, N}, x.options());
+  int64_t bad;
+  {
+    pybind11::gil_scoped_release nogil;
+    bad = cpu::sparse24_linear_packed(pick_isa(isa), x.data_ptr(), dt, M, K, w_values.data_ptr(), vdt,
+                                      reinterpret_cast<const uint64_t*>(w_codes.data_ptr<int64_t>()), bptr, N,
+                                      y.data_ptr(), torch_parallel_for);
+  }
+  TORCH_CHECK_VALUE(bad < 0, "pysparse.", op, ": x contains NaN or Inf (first at token row ", bad,
+                    "); a 2:4 kernel never multiplies the activations that meet pruned weights, so "
+                    "non-finite activations are refused instead of giving a result that differs "
+                    "from the dense product");
+  return y;
+}
+
 double int8_peak_gops(int64_t isa, double seconds) {
   TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "pysparse.int8_peak_gops: seconds must be in (0, 10], got ",
                     seconds);
@@ -184,6 +291,11 @@ pybind11::dict info() {
   d["active_isa"] = cpu::isa_name(cpu::active_isa());
   d["features"] = cpu::cpu_features();
   d["isa_error"] = cpu::isa_error();
+  // Which 2:4 kernel runs at the active ISA: the gather kernels (AVX-512 + VBMI, vdpbf16ps for
+  // bf16 x bf16 where AVX512-BF16 exists) or the expand-to-dense fallback.
+  d["sparse24"] = cpu::has_sparse_gather()
+                      ? (cpu::has_avx512_bf16() ? "gather (vpermb+vpdpbusd, vpermw+vdpbf16ps)" : "gather (vpermb+vpdpbusd, fp32 fma)")
+                      : "expand to dense per column block";
 #ifdef _OPENMP
   d["parallel"] = true;  // at::parallel_for really forks (ATen's OpenMP backend is header-inline)
 #else
@@ -215,6 +327,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "W8A8 linear on a vnni16-packed weight; y bitwise equal to int8_linear on the weight it was packed from");
   m.def("pack_int8_vnni16", &pack_int8_vnni16, py::arg("w_q"),
         "int8 [N, K] -> (packed int8 [Np/16, Kp/4, 64], colsum int32 [Np]) in the vnni16 layout");
+  m.def("pack_sparse24_int8", &pack_sparse24_int8, py::arg("values"), py::arg("meta"), py::arg("K"),
+        "canonical 2:4 int8 -> (values [Np/16, Kb, 64], codes uint8 [Np/16, Kb, 16], colsum int32 [Np])");
+  m.def("pack_sparse24_float", &pack_sparse24_float, py::arg("values"), py::arg("meta"), py::arg("K"),
+        "canonical 2:4 fp32/bf16 -> (values [Np/16, K/4, 32], codes int64 [Np/16, K/4])");
+  m.def("sparse24_int8_linear_packed", &sparse24_int8_linear_packed, py::arg("x"), py::arg("w_values"),
+        py::arg("w_codes"), py::arg("w_colsum"), py::arg("w_scale"), py::arg("bias"), py::arg("N"),
+        py::arg("isa") = -1);
+  m.def("sparse24_linear_packed", &sparse24_linear_packed, py::arg("x"), py::arg("w_values"), py::arg("w_codes"),
+        py::arg("bias"), py::arg("N"), py::arg("isa") = -1);
   m.def("int8_peak_gops", &int8_peak_gops, py::arg("isa") = -1, py::arg("seconds") = 0.25,
         "measured single-thread int8 MAC peak of an ISA path, GOP/s");
 }

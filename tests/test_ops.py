@@ -137,6 +137,57 @@ def test_sparse24_int8_linear(backend, M, K, N, dtype):
     _opcheck(OPS.sparse24_int8_linear.default, (x, values_q, meta, w_s, None))
 
 
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K,N", [(4, 1), (12, 5), (388, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse24_linear_packed(backend, M, K, N, dtype):
+    x = torch.randn(M, K).to(dtype)
+    values, meta = _sparse_weight(N, K, dtype)
+    w_values, w_codes = sparse24.pack_cpu_float(values, meta)
+    b = torch.randn(N)
+    y = OPS.sparse24_linear_packed(x, w_values, w_codes, b, N)
+    assert y.dtype == dtype and y.shape == (M, N)
+    torch.testing.assert_close(y, reference.sparse24_linear(x, values, meta, b),
+                               **tolerances.FLOAT_MATMUL[dtype])
+    _opcheck(OPS.sparse24_linear_packed.default, (x, w_values, w_codes, b, N))
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K,N", [(4, 1), (12, 5), (388, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse24_int8_linear_packed(backend, M, K, N, dtype):
+    x = torch.randn(M, K).to(dtype)
+    values, meta = _sparse_weight(N, K)
+    values_q, w_s = int8.quantize_weight(values)
+    w_values, w_codes, w_colsum = sparse24.pack_cpu_int8(values_q, meta)
+    y = OPS.sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_s, None)
+    torch.testing.assert_close(y, reference.int8_linear(x, sparse24.decompress(values_q, meta),
+                                                        w_s, None),
+                               **tolerances.QUANT_EPILOGUE[dtype])
+    _opcheck(OPS.sparse24_int8_linear_packed.default, (x, w_values, w_codes, w_colsum, w_s, None))
+
+
+def test_sparse24_refusals(backend):
+    """Bad input to the 2:4 ops: clear errors before any kernel runs."""
+    values, meta = _sparse_weight(20, 16)
+    w_values, w_codes = sparse24.pack_cpu_float(values, meta)
+    x = torch.randn(3, 16)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        OPS.sparse24_linear(x, values, meta, None)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        OPS.sparse24_linear_packed(x, w_values, w_codes, None, 20)
+    with pytest.raises(ValueError, match="must hold"):
+        OPS.sparse24_linear_packed(torch.randn(3, 24), w_values, w_codes, None, 20)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        sparse24.compress(torch.randn(8, 16))
+    bad_meta = meta.clone()
+    bad_meta[0, 0] = 0x0F  # i0 = 3 >= i1 = 3
+    with pytest.raises(ValueError, match="corrupt meta"):
+        sparse24.pack_cpu_float(values, bad_meta)
+    assert OPS.sparse24_linear_packed(torch.randn(0, 16), w_values, w_codes, None, 20).shape == (0, 20)
+
+
 @pytest.mark.parametrize("Sq,Sk", [(1, 1), (7, 7), (1, 9), (5, 13)])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 1), (6, 2)])
 @pytest.mark.parametrize("causal", [False, True])

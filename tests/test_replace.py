@@ -177,3 +177,26 @@ def test_minilm_w8a8_fidelity(minilm, texts):
     ref, out = embed(model, tok, texts), embed(q, tok, texts)
     assert cosine_fidelity(ref, out) >= tolerances.W8A8_MINILM_COSINE
     assert recall_at_k(ref, out, 10) >= tolerances.W8A8_MINILM_RECALL10
+
+
+@pytest.mark.parametrize("layout", ["canonical", "sp24"])
+def test_sparse24_layouts_agree_and_follow_dtype(layout):
+    """Both 2:4 layouts give the reference result; the packed sp24 float values keep a valid
+    layout through model.to(bfloat16) / .to(float16) (the latter runs the reference)."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(40, 37))
+    pysparse.prune(lin, pattern="2:4")
+    lin = lin[0]
+    x = torch.randn(5, 40)
+    for cls in (Sparse24Linear, Sparse24Int8Linear):
+        m = cls.from_linear(lin, layout=layout)
+        assert m.layout == layout
+        ref = m.dequantized_weight().float()
+        torch.testing.assert_close(m(x), x @ ref.T + lin.bias.detach(), rtol=0.05, atol=0.05)
+    m = Sparse24Linear.from_linear(lin, layout=layout)
+    want = x @ lin.weight.detach().T + lin.bias.detach()
+    for dt in (torch.bfloat16, torch.float16):
+        y = m.to(dt)(x.to(dt))
+        assert y.dtype == dt
+        torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)
+    assert m.bias.dtype == torch.float32

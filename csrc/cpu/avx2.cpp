@@ -305,7 +305,7 @@ void packed_tile(const PackedArgs& a, int64_t m, int64_t n) {
   static_assert(MR >= 1 && NP >= 1 && MR * NP * 4 + MR + 2 <= 16, "registers must fit the ymm file");
   const int64_t Kp = a.Kp, KG = Kp / 4, ps = 16 * Kp;  // ps: bytes per panel
   const int16_t* A = static_cast<const int16_t*>(a.a) + m * Kp;
-  const int8_t* W = a.wp + (n / 16) * ps;
+  const int8_t* W = a.wp + (n / 16 - a.panel0) * ps;
   __m256i acc[MR][NP * 4];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r)
@@ -386,6 +386,61 @@ void gemm_packed_block_avx2(const PackedArgs& a, int64_t m0, int64_t m1, int64_t
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) packed_tile<2, 1>(a, m, n);
     if (m < m1) packed_tile<1, 1>(a, m, n);
+  }
+}
+
+void dense_f32_block_avx2(const Sparse24FArgs& a, const float* wd, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  // Expand fallback of the 2:4 float path: wd holds the dense columns
+  // [n0, n0 + 16*panels) as [panel][K][16] fp32. Per row and k one broadcast
+  // of x feeds the two 8-column FMAs of a panel; 4 rows per pass (8
+  // accumulators + 2 weight vectors + broadcast).
+  const int64_t K = a.K, N = a.N;
+  for (int64_t n = n0; n < n1; n += 16) {
+    const float* W = wd + ((n - n0) / 16) * K * 16;
+    const int nv = n1 - n < 16 ? int(n1 - n) : 16;
+    for (int64_t m = m0; m < m1; m += 4) {
+      const int mr = m1 - m < 4 ? int(m1 - m) : 4;
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 w0 = _mm256_loadu_ps(W + k * 16), w1 = _mm256_loadu_ps(W + k * 16 + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          if (r >= mr) break;
+          const int64_t i = (m + r) * K + k;
+          float xv;
+          if (a.dt == kBF16) {
+            const uint32_t b = uint32_t(static_cast<const uint16_t*>(a.x)[i]) << 16;
+            std::memcpy(&xv, &b, 4);
+          } else {
+            xv = static_cast<const float*>(a.x)[i];
+          }
+          const __m256 xb = _mm256_set1_ps(xv);
+          acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < mr; ++r) {
+        alignas(32) float out[16];
+        _mm256_store_ps(out, acc[r][0]);
+        _mm256_store_ps(out + 8, acc[r][1]);
+        for (int c = 0; c < nv; ++c) {
+          float f = out[c];
+          if (a.bias) f += a.bias[n + c];
+          const int64_t o = (m + r) * N + n + c;
+          if (a.dt == kBF16) {
+            uint32_t b;
+            std::memcpy(&b, &f, 4);
+            // round to nearest even; NaN stays a quiet NaN (as ref.cpp)
+            const uint16_t h = (b & 0x7fffffffu) > 0x7f800000u ? uint16_t((b >> 16) | 0x40u)
+                                                               : uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+            static_cast<uint16_t*>(a.y)[o] = h;
+          } else {
+            static_cast<float*>(a.y)[o] = f;
+          }
+        }
+      }
+    }
   }
 }
 

@@ -40,39 +40,11 @@
 #include <cstring>
 
 #include "impl.h"
+#include "avx512_common.h"
 
 namespace pysparse { namespace cpu { namespace detail {
 
 namespace {
-
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
-}
-inline __mmask64 mask64(int64_t n) {
-  return n >= 64 ? ~__mmask64(0) : __mmask64((1ull << n) - 1ull);
-}
-
-// 16 fp32 values of x starting at element i (fp32 or bf16), zero-masked: the
-// masked-out lanes are not read (no fault past the end) and become +0.0f,
-// which changes neither amax nor the finiteness test.
-inline __m512 load16(const void* x, DType dt, int64_t i, __mmask16 m) {
-  if (dt == kBF16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
-}
-
-// Round-to-nearest-even fp32 -> bf16 (same formula as ref.cpp), NaN quieted.
-inline __m256i f32_to_bf16_16(__m512 f) {
-  const __m512i b = _mm512_castps_si512(f);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
 
 // Lane i of the result = sum of the 16 lanes of v[i]. Transpose-and-add tree:
 // 8 + 4 + 3 adds and twice as many shuffles for 16 outputs, instead of ~8
@@ -92,15 +64,6 @@ inline __m512i hsum16(const __m512i* v) {
   const __m512i p = _mm512_add_epi32(_mm512_shuffle_i32x4(t[0], t[1], 0x44), _mm512_shuffle_i32x4(t[0], t[1], 0xEE));
   const __m512i q = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2], t[3], 0x44), _mm512_shuffle_i32x4(t[2], t[3], 0xEE));
   return _mm512_add_epi32(_mm512_shuffle_i32x4(p, q, 0x88), _mm512_shuffle_i32x4(p, q, 0xDD));
-}
-
-// acc += dot4(a as u8, b as s8) per int32 lane. Written as asm because GCC
-// 12 register-allocates the _mm512_dpbusd_epi32 intrinsic badly in the
-// micro-kernel loop (it copied every accumulator each step and spilled 3 of
-// 16 to the stack); "+v" keeps each accumulator in place in its own zmm.
-// The {att|intel} alternatives keep it building with -masm=intel.
-inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
-  __asm__("vpdpbusd {%2, %1, %0|%0, %1, %2}" : "+v"(acc) : "v"(a), "v"(b));
 }
 
 // Micro-kernel: MR rows of x times NR rows of w over the whole K; returns
@@ -277,7 +240,7 @@ void packed_tile(const PackedArgs& a, int64_t m, int64_t n) {
   static_assert(MR >= 1 && NP >= 1 && U >= 1 && MR * NP * U <= 24, "accumulators must fit the zmm file");
   const int64_t Kp = a.Kp, KG = Kp / 4, ps = 16 * Kp;  // ps: bytes per panel
   const uint8_t* A = static_cast<const uint8_t*>(a.a) + m * Kp;
-  const int8_t* W = a.wp + (n / 16) * ps;
+  const int8_t* W = a.wp + (n / 16 - a.panel0) * ps;
   __m512i acc[U][MR][NP];
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u)
@@ -343,20 +306,9 @@ void packed_tile(const PackedArgs& a, int64_t m, int64_t n) {
     const __m512 ws = _mm512_maskz_loadu_ps(mk, a.ws + n0);
     const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][r][p], cs));
-      f = _mm512_mul_ps(f, _mm512_set1_ps(a.xs[m + r]));
-      f = _mm512_mul_ps(f, ws);
-      if (a.bias) {
-        __asm__("" : "+v"(f));
-        f = _mm512_add_ps(f, bs);
-      }
-      const int64_t o = (m + r) * N + n0;
-      if (a.dt == kBF16)
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + o, mk, f32_to_bf16_16(f));
-      else
-        _mm512_mask_storeu_ps(static_cast<float*>(a.y) + o, mk, f);
-    }
+    for (int r = 0; r < MR; ++r)
+      store_w8a8_16(_mm512_sub_epi32(acc[0][r][p], cs), a.xs[m + r], ws, a.bias ? &bs : nullptr, a.dt, a.y,
+                    (m + r) * N + n0, mk);
   }
 }
 

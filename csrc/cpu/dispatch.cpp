@@ -32,6 +32,7 @@ namespace {
 
 struct CpuInfo {
   Isa detected = kRef;
+  bool vbmi = false, bf16 = false;  // AVX512-VBMI / AVX512-BF16 usable (needs kAvx512Vnni)
   std::string features;
   std::string amx_error;  // why AMX hardware is present but unusable
 };
@@ -74,13 +75,13 @@ CpuInfo probe() {
   const bool fma = bit(c1, 12), f16c = bit(c1, 29), avx = bit(c1, 28);
   const bool avx2 = bit(b7, 5), avx512f = bit(b7, 16), avx512dq = bit(b7, 17);
   const bool avx512bw = bit(b7, 30), avx512vl = bit(b7, 31);
-  const bool vnni = bit(c7, 11), vbmi2 = bit(c7, 6), bf16 = bit(a71, 5);
+  const bool vnni = bit(c7, 11), vbmi = bit(c7, 1), vbmi2 = bit(c7, 6), bf16 = bit(a71, 5);
   const bool amx_bf16 = bit(d7, 22), amx_tile = bit(d7, 24), amx_int8 = bit(d7, 25);
 
   struct { bool on; const char* name; } flags[] = {
       {avx, "avx"}, {avx2, "avx2"}, {fma, "fma"}, {f16c, "f16c"},
       {avx512f, "avx512f"}, {avx512dq, "avx512dq"}, {avx512bw, "avx512bw"}, {avx512vl, "avx512vl"},
-      {vnni, "avx512_vnni"}, {bf16, "avx512_bf16"}, {vbmi2, "avx512_vbmi2"},
+      {vnni, "avx512_vnni"}, {bf16, "avx512_bf16"}, {vbmi, "avx512_vbmi"}, {vbmi2, "avx512_vbmi2"},
       {amx_tile, "amx_tile"}, {amx_int8, "amx_int8"}, {amx_bf16, "amx_bf16"}};
   for (const auto& f : flags) {
     if (!f.on) continue;
@@ -95,6 +96,10 @@ CpuInfo probe() {
   if (avx && avx2 && fma && f16c && os_ymm) ci.detected = kAvx2;
   if (ci.detected == kAvx2 && avx512f && avx512bw && avx512vl && avx512dq && vnni && os_zmm)
     ci.detected = kAvx512Vnni;
+  if (ci.detected == kAvx512Vnni) {
+    ci.vbmi = vbmi;
+    ci.bf16 = bf16;
+  }
   if (ci.detected == kAvx512Vnni && amx_tile && amx_int8) {
     if (!os_amx) {
       ci.amx_error = "AMX present but the OS does not enable tile state (XCR0 bits 17/18)";
@@ -311,32 +316,20 @@ void packed_quant_range(void* p, int64_t b, int64_t e) {
   while (r < cur && !c->bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
 }
 
-struct PackedCtx {
-  Isa isa;
-  detail::PackedArgs a;
-  int64_t mc, nc, tiles_m;
+// Task grid shared by the packed-weight GEMMs (dense and 2:4): output tiles
+// of mc rows x nc columns, n-major (consecutive tasks share a column block).
+struct Tiling {
+  int64_t M, N, mc, nc, tiles_m, tiles_n, grain;
+  void block(int64_t t, int64_t& m0, int64_t& m1, int64_t& n0, int64_t& n1) const {
+    const int64_t ni = t / tiles_m, mi = t % tiles_m;
+    m0 = mi * mc; m1 = m0 + mc < M ? m0 + mc : M;
+    n0 = ni * nc; n1 = n0 + nc < N ? n0 + nc : N;
+  }
 };
 
-void packed_range(void* p, int64_t b, int64_t e) {
-  const auto* c = static_cast<const PackedCtx*>(p);
-  for (int64_t t = b; t < e; ++t) {
-    // n-major task order: the tasks of one ParallelFor chunk share column
-    // blocks, so each thread streams its part of w from memory once.
-    const int64_t ni = t / c->tiles_m, mi = t % c->tiles_m;
-    const int64_t m0 = mi * c->mc, m1 = m0 + c->mc < c->a.M ? m0 + c->mc : c->a.M;
-    const int64_t n0 = ni * c->nc, n1 = n0 + c->nc < c->a.N ? n0 + c->nc : c->a.N;
-    switch (c->isa) {
-      case kAvx512Vnni: case kAmx: detail::gemm_packed_block_avx512_vnni(c->a, m0, m1, n0, n1); break;
-      case kAvx2: detail::gemm_packed_block_avx2(c->a, m0, m1, n0, n1); break;
-      default: detail::gemm_packed_block_ref(c->a, m0, m1, n0, n1); break;
-    }
-  }
-}
-
-void packed_gemm_impl(Isa isa, const detail::PackedArgs& a, ParallelFor pf) {
-  PackedCtx c;
-  c.isa = isa;
-  c.a = a;
+// xrow_bytes: activation bytes per row; wcol_bytes: weight bytes per output
+// column; macs_per_col_row: multiply work per output (for the grain).
+Tiling plan_tiles(int64_t M, int64_t N, int64_t xrow_bytes, int64_t wcol_bytes, int64_t macs_per_out) {
   // Column blocks are multiples of 48 = the VNNI micro-kernel width (3
   // panels), so no chunk boundary leaves a narrower block behind (16, the
   // AVX2 width, divides it too); row blocks are multiples of 8 (its height).
@@ -344,24 +337,23 @@ void packed_gemm_impl(Isa isa, const detail::PackedArgs& a, ParallelFor pf) {
   // 48-column tasks, so each weight byte is read from memory exactly once
   // and the threads split the weight between them; the block functions keep
   // a 48-column w block cache-resident while they sweep the rows over it.
-  // Large M: tiles of mc rows x nc columns sized so that the x rows (mc*Kp)
-  // and the w columns (nc*Kp) of one tile fit in L2 together; consecutive
-  // tasks share the column block, which then also stays in L2.
-  const int64_t abytes = isa == kAvx2 ? 2 : 1;
-  int64_t mc = a.M, nc = 48;
-  if (a.M > 32) {
-    mc = (int64_t(256) << 10) / (a.Kp * abytes);
+  // Large M: tiles of mc rows x nc columns sized so that the x rows and the
+  // w columns of one tile fit in L2 together; consecutive tasks share the
+  // column block, which then also stays in L2.
+  int64_t mc = M, nc = 48;
+  if (M > 32) {
+    mc = (int64_t(256) << 10) / xrow_bytes;
     mc = mc < 32 ? 32 : (mc > 256 ? 256 : mc);
     mc &= ~int64_t(7);
-    if (mc > a.M) mc = a.M;
-    nc = (int64_t(256) << 10) / a.Kp / 48 * 48;
+    if (mc > M) mc = M;
+    nc = (int64_t(256) << 10) / wcol_bytes / 48 * 48;
     nc = nc < 48 ? 48 : (nc > 480 ? 480 : nc);
   }
   // At least 8 tasks where the shape allows, so that every thread gets
   // work and the contiguous chunks a ParallelFor hands out stay balanced:
   // first narrow the column blocks (threads then read disjoint weights),
   // then the row blocks.
-  auto tiles = [&](int64_t m, int64_t n) { return ((a.M + m - 1) / m) * ((a.N + n - 1) / n); };
+  auto tiles = [&](int64_t m, int64_t n) { return ((M + m - 1) / m) * ((N + n - 1) / n); };
   while (tiles(mc, nc) < 8) {
     if (nc > 48) {
       nc = nc / 2 / 48 * 48;
@@ -374,14 +366,210 @@ void packed_gemm_impl(Isa isa, const detail::PackedArgs& a, ParallelFor pf) {
     if (half < 8 || half >= mc) break;
     mc = half;
   }
-  c.mc = mc;
-  c.nc = nc;
-  c.tiles_m = (a.M + mc - 1) / mc;
-  const int64_t tiles_n = (a.N + nc - 1) / nc;
+  Tiling t;
+  t.M = M; t.N = N; t.mc = mc; t.nc = nc;
+  t.tiles_m = (M + mc - 1) / mc;
+  t.tiles_n = (N + nc - 1) / nc;
   // Grain: tasks below ~256K MACs in total are not worth a thread hand-off.
-  const int64_t task_macs = mc * nc * a.K;
-  const int64_t grain = (int64_t(1) << 18) / (task_macs > 0 ? task_macs : 1) + 1;
-  run_pf(pf, tiles_n * c.tiles_m, grain, &c, packed_range);
+  const int64_t task_macs = mc * nc * macs_per_out;
+  t.grain = (int64_t(1) << 18) / (task_macs > 0 ? task_macs : 1) + 1;
+  return t;
+}
+
+struct PackedCtx {
+  Isa isa;
+  detail::PackedArgs a;
+  Tiling t;
+};
+
+void packed_range(void* p, int64_t b, int64_t e) {
+  const auto* c = static_cast<const PackedCtx*>(p);
+  for (int64_t t = b; t < e; ++t) {
+    int64_t m0, m1, n0, n1;
+    c->t.block(t, m0, m1, n0, n1);
+    switch (c->isa) {
+      case kAvx512Vnni: case kAmx: detail::gemm_packed_block_avx512_vnni(c->a, m0, m1, n0, n1); break;
+      case kAvx2: detail::gemm_packed_block_avx2(c->a, m0, m1, n0, n1); break;
+      default: detail::gemm_packed_block_ref(c->a, m0, m1, n0, n1); break;
+    }
+  }
+}
+
+void packed_gemm_impl(Isa isa, const detail::PackedArgs& a, ParallelFor pf) {
+  PackedCtx c;
+  c.isa = isa;
+  c.a = a;
+  c.t = plan_tiles(a.M, a.N, a.Kp * (isa == kAvx2 ? 2 : 1), a.Kp, a.K);
+  run_pf(pf, c.t.tiles_n * c.t.tiles_m, c.t.grain, &c, packed_range);
+}
+
+// ---------------------------------------------------------------- 2:4 sparse
+bool gather_disabled() {
+  // Test hook: PYSPARSE_CPU_NO_VBMI=1 makes the 2:4 kernels take the
+  // expand fallback a VNNI-but-no-VBMI CPU (Cascade Lake) would take.
+  static const bool off = [] {
+    const char* e = std::getenv("PYSPARSE_CPU_NO_VBMI");
+    return e && *e && std::strcmp(e, "0") != 0;
+  }();
+  return off;
+}
+
+bool gather_ok(Isa isa) { return isa >= kAvx512Vnni && cpu_info().vbmi && !gather_disabled(); }
+
+// Expand the sp24i8 columns [n0, n1) (n0 a multiple of 16) into vnni16
+// panels with the same Kp (a multiple of 8, so of 4 too): the fallback for
+// paths without the gather kernel, once per column block and reused by all
+// rows of the block.
+void expand_i8_vnni16(const int8_t* sv, const uint8_t* sc, int64_t Kp, int64_t n0, int64_t n1, int8_t* out) {
+  const int64_t KB = Kp / 8, KG = Kp / 4;
+  static const int kPos[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};  // column j -> code byte
+  for (int64_t nb = n0 / 16; nb * 16 < n1; ++nb) {
+    int8_t* dst = out + (nb - n0 / 16) * KG * 64;
+    std::memset(dst, 0, size_t(KG * 64));
+    for (int64_t b = 0; b < KB; ++b) {
+      const int8_t* v = sv + (nb * KB + b) * 64;
+      const uint8_t* c = sc + (nb * KB + b) * 16;
+      for (int j = 0; j < 16; ++j) {
+        const unsigned code = c[kPos[j]];
+        for (int t = 0; t < 4; ++t) {
+          const int64_t kg = 2 * b + t / 2;  // 4-k group within the panel
+          dst[kg * 64 + j * 4 + ((code >> (2 * t)) & 3u)] = v[j * 4 + t];
+        }
+      }
+    }
+  }
+}
+
+struct Sp24I8Ctx {
+  Isa isa;
+  bool gather;
+  detail::Sparse24I8Args a;
+  Tiling t;
+};
+
+void sp24_i8_range(void* p, int64_t b, int64_t e) {
+  const auto* c = static_cast<const Sp24I8Ctx*>(p);
+  std::unique_ptr<int8_t[]> tmp;
+  std::unique_ptr<uint8_t[]> scratch;
+  int64_t tmp_n0 = -1, tmp_n1 = -1;
+  for (int64_t t = b; t < e; ++t) {
+    int64_t m0, m1, n0, n1;
+    c->t.block(t, m0, m1, n0, n1);
+    if (c->gather) {
+      if (!scratch) scratch.reset(new uint8_t[size_t(detail::sparse24_i8_scratch_bytes(c->a.Kp))]);
+      detail::sparse24_i8_block_vbmi(c->a, m0, m1, n0, n1, scratch.get());
+      continue;
+    }
+    if (c->isa == kRef) {
+      detail::sparse24_i8_block_ref(c->a, m0, m1, n0, n1);
+      continue;
+    }
+    // Expand fallback (consecutive tasks of one column block reuse it).
+    const int64_t Kp = c->a.Kp;
+    if (!tmp) tmp.reset(new int8_t[size_t(c->t.nc / 16 + 1) * 16 * Kp]);
+    if (n0 != tmp_n0 || n1 != tmp_n1) {
+      expand_i8_vnni16(c->a.sv, c->a.sc, Kp, n0, n1, tmp.get());
+      tmp_n0 = n0; tmp_n1 = n1;
+    }
+    detail::PackedArgs pa{};
+    pa.a = c->a.a; pa.wp = tmp.get(); pa.colsum = c->a.colsum; pa.M = c->a.M; pa.K = c->a.K; pa.N = c->a.N;
+    pa.Kp = Kp; pa.xs = c->a.xs; pa.ws = c->a.ws; pa.bias = c->a.bias; pa.y = c->a.y; pa.dt = c->a.dt;
+    pa.panel0 = n0 / 16;
+    if (c->isa == kAvx2) detail::gemm_packed_block_avx2(pa, m0, m1, n0, n1);
+    else detail::gemm_packed_block_avx512_vnni(pa, m0, m1, n0, n1);
+  }
+}
+
+struct NonFiniteCtx {
+  Isa isa;
+  const void* x;
+  DType dt;
+  int64_t K;
+  std::atomic<int64_t> bad{INT64_MAX};
+};
+
+void nonfinite_range(void* p, int64_t b, int64_t e) {
+  auto* c = static_cast<NonFiniteCtx*>(p);
+  int64_t r = -1;
+  if (c->isa >= kAvx512Vnni) {
+    r = detail::first_nonfinite_row_avx512(c->x, c->dt, c->K, b, e);
+  } else {
+    for (int64_t m = b; m < e && r < 0; ++m)
+      for (int64_t k = 0; k < c->K; ++k) {
+        uint32_t bits;
+        if (c->dt == kBF16) {
+          bits = uint32_t(static_cast<const uint16_t*>(c->x)[m * c->K + k]) << 16;
+        } else {
+          std::memcpy(&bits, static_cast<const float*>(c->x) + m * c->K + k, 4);
+        }
+        if ((bits & 0x7fffffffu) >= 0x7f800000u) {
+          r = m;
+          break;
+        }
+      }
+  }
+  if (r < 0) return;
+  int64_t cur = c->bad.load(std::memory_order_relaxed);
+  while (r < cur && !c->bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
+}
+
+struct Sp24FCtx {
+  Isa isa;
+  int kind;  // 0 ref, 1 avx2 expand, 2 gather fp32 FMA, 3 gather vdpbf16ps
+  detail::Sparse24FArgs a;
+  Tiling t;
+};
+
+// Expand sp24f columns [n0, n1) to dense fp32 [panel][K][16].
+void expand_f32(const detail::Sparse24FArgs& a, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = a.K, G = K / 4;
+  for (int64_t nb = n0 / 16; nb * 16 < n1; ++nb) {
+    float* dst = out + (nb - n0 / 16) * K * 16;
+    std::memset(dst, 0, size_t(K * 16) * sizeof(float));
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t line = (nb * G + g) * 32;
+      const uint64_t code = a.sc[nb * G + g];
+      for (int j = 0; j < 16; ++j)
+        for (int t = 0; t < 2; ++t) {
+          float w;
+          if (a.vdt == kBF16) {
+            const uint32_t bits = uint32_t(static_cast<const uint16_t*>(a.sv)[line + j * 2 + t]) << 16;
+            std::memcpy(&w, &bits, 4);
+          } else {
+            w = static_cast<const float*>(a.sv)[line + j * 2 + t];
+          }
+          const int64_t k = 4 * g + int64_t((code >> (4 * j + 2 * t)) & 3u);
+          dst[k * 16 + j] = w;
+        }
+    }
+  }
+}
+
+void sp24_f_range(void* p, int64_t b, int64_t e) {
+  const auto* c = static_cast<const Sp24FCtx*>(p);
+  std::unique_ptr<float[]> tmp;
+  std::unique_ptr<uint8_t[]> scratch;
+  int64_t tmp_n0 = -1, tmp_n1 = -1;
+  for (int64_t t = b; t < e; ++t) {
+    int64_t m0, m1, n0, n1;
+    c->t.block(t, m0, m1, n0, n1);
+    switch (c->kind) {
+      case 3:
+        if (!scratch) scratch.reset(new uint8_t[size_t(detail::sparse24_f_scratch_bytes(c->a.K))]);
+        detail::sparse24_f_block_bf16(c->a, m0, m1, n0, n1, scratch.get());
+        break;
+      case 2: detail::sparse24_f_block_vbmi(c->a, m0, m1, n0, n1); break;
+      case 1:
+        if (!tmp) tmp.reset(new float[size_t(c->t.nc / 16 + 1) * 16 * c->a.K]);
+        if (n0 != tmp_n0 || n1 != tmp_n1) {
+          expand_f32(c->a, n0, n1, tmp.get());
+          tmp_n0 = n0; tmp_n1 = n1;
+        }
+        detail::dense_f32_block_avx2(c->a, tmp.get(), m0, m1, n0, n1);
+        break;
+      default: detail::sparse24_f_block_ref(c->a, m0, m1, n0, n1); break;
+    }
+  }
 }
 
 }  // namespace
@@ -492,6 +680,121 @@ int64_t int8_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t 
   a.a = abuf.p; a.wp = w_packed; a.colsum = w_colsum; a.M = M; a.K = K; a.N = N; a.Kp = Kp;
   a.xs = xs.get(); a.ws = w_scale; a.bias = bias; a.y = y; a.dt = dt;
   packed_gemm_impl(isa, a, pf);
+  return -1;
+}
+
+// ---------------------------------------------------------------- 2:4 sparse entry points
+bool has_sparse_gather() { return gather_ok(active_isa()); }
+bool has_avx512_bf16() { return cpu_info().bf16; }
+
+void pack_sparse24_int8(const int8_t* values, const uint8_t* meta, int64_t N, int64_t K, int8_t* packed_values,
+                        uint8_t* packed_codes, int32_t* colsum) {
+  if (N <= 0 || K <= 0) return;
+  const int64_t KB = (K + 7) / 8, NB = (N + 15) / 16, half = K / 2, mb = (K + 7) / 8;
+  static const int kPos[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};  // column j -> code byte
+  for (int64_t n = 0; n < NB * 16; ++n) {
+    const int64_t nb = n / 16;
+    const int j = int(n % 16);
+    uint32_t sum = 0;
+    for (int64_t b = 0; b < KB; ++b) {
+      int8_t* v = packed_values + (nb * KB + b) * 64 + j * 4;
+      uint8_t* c = packed_codes + (nb * KB + b) * 16 + kPos[j];
+      if (n >= N) {
+        std::memset(v, 0, 4);
+        *c = 0;
+        continue;
+      }
+      for (int t = 0; t < 4; ++t) {
+        const int64_t i = 4 * b + t;  // index into the row's K/2 values
+        v[t] = i < half ? values[n * half + i] : int8_t(0);
+        sum += uint32_t(int32_t(v[t]));
+      }
+      *c = b < mb ? meta[n * mb + b] : uint8_t(0);
+    }
+    colsum[n] = n < N ? int32_t(sum) : 0;
+  }
+}
+
+void pack_sparse24_float(const void* values, DType vdt, const uint8_t* meta, int64_t N, int64_t K,
+                         void* packed_values, uint64_t* packed_codes) {
+  if (N <= 0 || K <= 0) return;
+  const int64_t G = K / 4, NB = (N + 15) / 16, half = K / 2, mb = (K + 7) / 8;
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t line = (nb * G + g) * 32;
+      uint64_t code = 0;
+      for (int j = 0; j < 16; ++j) {
+        const int64_t n = nb * 16 + j;
+        for (int t = 0; t < 2; ++t) {
+          if (vdt == kBF16) {
+            static_cast<uint16_t*>(packed_values)[line + j * 2 + t] =
+                n < N ? static_cast<const uint16_t*>(values)[n * half + 2 * g + t] : uint16_t(0);
+          } else {
+            static_cast<float*>(packed_values)[line + j * 2 + t] =
+                n < N ? static_cast<const float*>(values)[n * half + 2 * g + t] : 0.0f;
+          }
+        }
+        // Pad columns get code 0b0100 (i0 = 0, i1 = 1): valid positions whose
+        // zero values contribute nothing.
+        const unsigned c = n < N ? (meta[n * mb + g / 2] >> (4 * (g % 2))) & 0xFu : 0x4u;
+        code |= uint64_t(c) << (4 * j);
+      }
+      packed_codes[nb * G + g] = code;
+    }
+}
+
+int64_t sparse24_int8_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t K,
+                                    const int8_t* packed_values, const uint8_t* packed_codes, const int32_t* colsum,
+                                    const float* w_scale, const float* bias, int64_t N, void* y, ParallelFor pf) {
+  if (M <= 0 || K <= 0 || N <= 0) return -1;
+  isa = effective(isa);
+  const int64_t Kp = (K + 7) / 8 * 8;
+  const bool gather = gather_ok(isa);
+  // Activation in the form of the dense packed path of this ISA, rows
+  // zero-padded to Kp (a multiple of 8), or to a multiple of 64 for the
+  // gather kernel (it reads 64-byte windows of a row).
+  const int64_t astride = gather ? (K + 63) / 64 * 64 : Kp;
+  const int64_t row_bytes = isa == kAvx2 ? 2 * Kp : (isa == kRef ? K : astride);
+  AlignedBuf abuf(size_t(M * row_bytes));
+  std::unique_ptr<float[]> xs(new float[size_t(M)]);
+  PackedQuantCtx qc;
+  qc.isa = isa; qc.x = x; qc.dt = dt; qc.K = K; qc.Kp = astride; qc.out = abuf.p; qc.scale = xs.get();
+  run_pf(pf, M, (16384 + K - 1) / K, &qc, packed_quant_range);
+  const int64_t bad = qc.bad.load();
+  if (bad != INT64_MAX) return bad;
+  Sp24I8Ctx c;
+  c.isa = isa;
+  c.gather = gather;
+  c.a.a = abuf.p; c.a.sv = packed_values; c.a.sc = packed_codes; c.a.colsum = colsum;
+  c.a.M = M; c.a.K = K; c.a.N = N; c.a.Kp = Kp; c.a.astride = row_bytes / (isa == kAvx2 ? 2 : 1);
+  c.a.xs = xs.get(); c.a.ws = w_scale; c.a.bias = bias; c.a.y = y; c.a.dt = dt;
+  // Gather kernel: half the multiply work per output of the dense kernel.
+  c.t = plan_tiles(M, N, row_bytes, gather ? Kp * 5 / 8 : Kp, gather ? K / 2 : K);
+  run_pf(pf, c.t.tiles_n * c.t.tiles_m, c.t.grain, &c, sp24_i8_range);
+  return -1;
+}
+
+int64_t sparse24_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t K, const void* packed_values,
+                               DType vdt, const uint64_t* packed_codes, const float* bias, int64_t N, void* y,
+                               ParallelFor pf) {
+  if (M <= 0 || K <= 0 || N <= 0) return -1;
+  isa = effective(isa);
+  NonFiniteCtx nc;
+  nc.isa = isa; nc.x = x; nc.dt = dt; nc.K = K;
+  run_pf(pf, M, (65536 + K - 1) / K, &nc, nonfinite_range);
+  const int64_t bad = nc.bad.load();
+  if (bad != INT64_MAX) return bad;
+  Sp24FCtx c;
+  c.isa = isa;
+  if (gather_ok(isa))
+    c.kind = (dt == kBF16 && vdt == kBF16 && cpu_info().bf16) ? 3 : 2;
+  else
+    c.kind = isa >= kAvx2 ? 1 : 0;
+  c.a.x = x; c.a.dt = dt; c.a.sv = packed_values; c.a.vdt = vdt; c.a.sc = packed_codes;
+  c.a.M = M; c.a.K = K; c.a.N = N; c.a.bias = bias; c.a.y = y;
+  const int64_t xsz = dt == kBF16 ? 2 : 4, vsz = vdt == kBF16 ? 2 : 4;
+  c.t = plan_tiles(M, N, K * xsz, c.kind >= 2 ? K / 2 * vsz + K / 8 : K * 4, c.kind >= 2 ? K / 2 : K);
+  run_pf(pf, c.t.tiles_n * c.t.tiles_m, c.t.grain, &c, sp24_f_range);
   return -1;
 }
 

@@ -58,6 +58,8 @@ struct PackedArgs {
   const float* bias;      // [N] or nullptr
   void* y;                // [M,N] of dt
   DType dt;
+  int64_t panel0;         // index of the panel wp points at (0, or the first
+                          // panel of an expanded column block of a sparse weight)
 };
 
 // Output block rows [m0,m1) x cols [n0,n1), n0 a multiple of 16 (a panel
@@ -82,5 +84,55 @@ int64_t peak_loop_ref(int64_t iters);
 
 // rowsum[m] = sum_k xq[m,k] for m in [m0,m1) (used by int8_gemm_s32 on the VNNI path).
 void row_sums_avx512_vnni(const int8_t* xq, int64_t K, int64_t m0, int64_t m1, int32_t* rowsum);
+
+// ---------------------------------------------------------------- 2:4 sparse
+// int8: the activation `a` is in the per-ISA form of PackedArgs (ref: int8
+// [M][K]) with row stride `astride` (zero padded; the gather kernel reads
+// 64-byte windows, so there astride = ceil(K/64)*64, elsewhere Kp);
+// Kp = ceil(K/8)*8; sv/sc/colsum in the sp24i8 layout (kernels.h).
+struct Sparse24I8Args {
+  const void* a;
+  const int8_t* sv;
+  const uint8_t* sc;
+  const int32_t* colsum;
+  int64_t M, K, N, Kp, astride;
+  const float* xs;
+  const float* ws;
+  const float* bias;
+  void* y;
+  DType dt;
+};
+// Output block [m0,m1) x [n0,n1), n0 a multiple of 16. The gather kernel
+// (needs VBMI); ref reads the sp24i8 layout directly with exact int sums.
+// scratch: at least sparse24_i8_scratch_bytes(Kp) bytes (gather indices of
+// one 48-column block), allocated by the caller (dispatch.cpp) so that no
+// std:: template is instantiated in the AVX-512 file.
+void sparse24_i8_block_vbmi(const Sparse24I8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                            uint8_t* scratch);
+int64_t sparse24_i8_scratch_bytes(int64_t Kp);
+void sparse24_i8_block_ref(const Sparse24I8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// float: x [M,K] of dt as given (no copy); values/codes in the sp24f layout.
+struct Sparse24FArgs {
+  const void* x;
+  DType dt;
+  const void* sv;
+  DType vdt;
+  const uint64_t* sc;
+  int64_t M, K, N;
+  const float* bias;
+  void* y;
+};
+void sparse24_f_block_vbmi(const Sparse24FArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  // fp32 FMA
+// vdpbf16ps; scratch: sparse24_f_scratch_bytes(K) bytes, as for the int8 kernel
+void sparse24_f_block_bf16(const Sparse24FArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                           uint8_t* scratch);
+int64_t sparse24_f_scratch_bytes(int64_t K);
+void sparse24_f_block_ref(const Sparse24FArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// Dense fp32 panel GEMM for the expand fallback: wd [np][K][16] fp32 holds
+// columns [n0, n0+16*np); output rows [m0,m1) x cols [n0,n1) of a.y.
+void dense_f32_block_avx2(const Sparse24FArgs& a, const float* wd, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// First row in [m0,m1) of x [*,K] (dt) holding a NaN/Inf, or -1.
+int64_t first_nonfinite_row_avx512(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1);
 
 }}}  // namespace pysparse::cpu::detail

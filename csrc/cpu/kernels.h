@@ -108,4 +108,65 @@ double int8_peak_gops(Isa isa, double seconds);
 // Any int8 values are allowed in both operands (including -128).
 void int8_gemm_s32(Isa isa, const int8_t* xq, int64_t M, int64_t K, const int8_t* w_q, int64_t N, int32_t* acc, ParallelFor pf);
 
+
+// ---------------------------------------------------------------- 2:4 sparse weights
+// Canonical input (formats/sparse24.py): K a multiple of 4; values [N, K/2]
+// (the two kept entries of every group of 4 along K, in order) and meta
+// uint8 [N, ceil(K/8)] (per group a 4-bit code i0 | i1 << 2, i0 < i1; two
+// groups per byte, the earlier one in the low nibble).
+//
+// Packed int8 layout "sp24i8", Kb = ceil(K/8) 8-k blocks, Np = ceil(N/16)*16:
+//   values int8 [Np/16][Kb][16][4]:  [nb][b][j][t] = values[nb*16+j][4b+t]
+//                                    (groups 2b and 2b+1 of column nb*16+j)
+//   codes uint8 [Np/16][Kb][16]:     the meta byte meta[nb*16+j][b] of each
+//                                    column, in the order j = 0,1,4,5,8,9,12,13,
+//                                    2,3,6,7,10,11,14,15 (a 128-bit broadcast
+//                                    then puts the codes of columns 2q, 2q+1 in
+//                                    qword q, where vpmultishiftqb can reach them)
+//   colsum int32 [Np]:               sum of the values of each column (0 past N)
+// Pad columns (n >= N) and a missing last group (K % 8 == 4) are zero values
+// with code 0. The AVX-512 path needs VBMI (vpermb/vpmultishiftqb): per 8-k
+// block it gathers, per row, the activation bytes the kept weights meet
+// (vpermb of an 8-byte broadcast) and multiplies them with the 64 value
+// bytes in one vpdpbusd: half the multiply work of the dense kernel and
+// 62.5% of its weight bytes. Other paths expand column blocks to vnni16
+// (once per block, reused by all rows) and run the dense kernel.
+void pack_sparse24_int8(const int8_t* values, const uint8_t* meta, int64_t N, int64_t K, int8_t* packed_values,
+                        uint8_t* packed_codes, int32_t* colsum);
+
+// 2:4 W8A8 on an sp24i8-packed weight: same math and output contract as
+// int8_linear on the dense weight decompress(values, meta) (y bitwise equal
+// to int8_linear on it, same NaN/Inf row return value; y untouched then).
+int64_t sparse24_int8_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t K,
+                                    const int8_t* packed_values, const uint8_t* packed_codes, const int32_t* colsum,
+                                    const float* w_scale, const float* bias, int64_t N, void* y, ParallelFor pf);
+
+// Packed float layout "sp24f", G = K/4 groups, Np = ceil(N/16)*16:
+//   values [Np/16][G][16][2] of vdt: [nb][g][j][t] = value t of group g of
+//                                  column nb*16+j (the vdpbf16ps operand order;
+//                                  the same for f32, so casting the buffer's
+//                                  dtype keeps it a valid layout)
+//   codes uint64 [Np/16][G]:       bits 4j..4j+3 = the group's code of column j
+// The AVX-512 path gathers, per row and group, the activation each kept
+// weight meets (vpermw / vpermps of a 4-element broadcast; indices from the
+// codes by vpmultishiftqb, needs VBMI) and runs vdpbf16ps (bf16 x and bf16
+// values on a CPU with AVX512-BF16) or fp32 FMAs (every other combination:
+// both operands are widened to fp32 exactly).
+void pack_sparse24_float(const void* values, DType vdt, const uint8_t* meta, int64_t N, int64_t K,
+                         void* packed_values, uint64_t* packed_codes);
+
+// y[M,N] = x[M,K] @ decompress(values, meta)^T (+ bias), fp32 accumulation,
+// stored as dt (bf16: round to nearest even). The sum order is unspecified
+// (float tolerance, not bitwise). x entries that meet a pruned weight are
+// never read into a product, so x must be finite: returns the first row of x
+// holding a NaN/Inf (y untouched) or -1 on success.
+int64_t sparse24_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int64_t K, const void* packed_values,
+                               DType vdt, const uint64_t* packed_codes, const float* bias, int64_t N, void* y,
+                               ParallelFor pf);
+
+// True when this CPU has what the AVX-512 sparse gather kernels need
+// (AVX512-VBMI on top of kAvx512Vnni), and AVX512-BF16 for vdpbf16ps.
+bool has_sparse_gather();
+bool has_avx512_bf16();
+
 }}  // namespace pysparse::cpu

@@ -118,11 +118,72 @@ void gemm_packed_block_ref(const PackedArgs& a, int64_t m0, int64_t m1, int64_t 
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* xr = q + m * K;
     for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* col = a.wp + (n / 16) * 16 * Kp + (n % 16) * 4;
+      const int8_t* col = a.wp + (n / 16 - a.panel0) * 16 * Kp + (n % 16) * 4;
       uint32_t acc = 0;  // wrapping int32 arithmetic, same as the SIMD paths
       for (int64_t k = 0; k < K; ++k)
         acc += static_cast<uint32_t>(int32_t(xr[k]) * int32_t(col[(k / 4) * 64 + (k % 4)]));
       store_y(static_cast<int32_t>(acc), a.xs[m], a.ws[n], a.bias ? a.bias + n : nullptr, a.dt, a.y, m * N + n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- 2:4 sparse oracles
+// Both read the packed layouts through their index formulas (kernels.h) and
+// compute the plain sums: int8 exactly (wrapping int32, signed q, no colsum),
+// float in fp32 in k order. They are what the SIMD paths are tested against.
+
+// Position of column j's code byte within a block's 16 sp24i8 code bytes.
+static int i8_code_pos(int j) {
+  const int q = j / 2, e = j % 2;
+  return (q % 2) * 8 + (q / 2) * 2 + e;
+}
+
+int64_t sparse24_i8_scratch_bytes(int64_t Kp) { return 3 * (Kp / 8) * 64 + 64; }
+int64_t sparse24_f_scratch_bytes(int64_t K) { return 3 * (K / 4) * 64 + 64; }
+
+void sparse24_i8_block_ref(const Sparse24I8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, N = a.N, KB = a.Kp / 8;
+  const int8_t* q = static_cast<const int8_t*>(a.a);  // int8 [M][K]
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* xr = q + m * K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t nb = n / 16;
+      const int j = int(n % 16);
+      uint32_t acc = 0;
+      for (int64_t b = 0; b < KB; ++b) {
+        const int8_t* v = a.sv + (nb * KB + b) * 64 + j * 4;
+        const unsigned code = a.sc[(nb * KB + b) * 16 + i8_code_pos(j)];
+        for (int t = 0; t < 4; ++t) {
+          const int64_t k = 8 * b + (t / 2) * 4 + ((code >> (2 * t)) & 3u);
+          if (k < K) acc += static_cast<uint32_t>(int32_t(xr[k]) * int32_t(v[t]));
+        }
+      }
+      store_y(static_cast<int32_t>(acc), a.xs[m], a.ws[n], a.bias ? a.bias + n : nullptr, a.dt, a.y, m * N + n);
+    }
+  }
+}
+
+void sparse24_f_block_ref(const Sparse24FArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, N = a.N, G = K / 4;
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t nb = n / 16;
+      const int j = int(n % 16);
+      float acc = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t line = (nb * G + g) * 32;
+        const unsigned code = unsigned(a.sc[nb * G + g] >> (4 * j)) & 0xFu;
+        for (int t = 0; t < 2; ++t) {
+          const float w = a.vdt == kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(a.sv)[line + j * 2 + t])
+                                         : static_cast<const float*>(a.sv)[line + j * 2 + t];
+          acc += load_f32(a.x, a.dt, m * K + 4 * g + ((code >> (2 * t)) & 3u)) * w;
+        }
+      }
+      if (a.bias) acc += a.bias[n];
+      if (a.dt == kBF16)
+        static_cast<uint16_t*>(a.y)[m * N + n] = f32_to_bf16(acc);
+      else
+        static_cast<float*>(a.y)[m * N + n] = acc;
     }
   }
 }

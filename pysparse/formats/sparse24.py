@@ -105,3 +105,101 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     out = values.new_zeros(N, K // 4, 4)
     out.scatter_(-1, pos, values.reshape(N, K // 4, 2))
     return out.reshape(N, K)
+
+
+# ----------------------------------------------------------------------------- CPU packing
+# The layouts the 2:4 CPU kernels stream (csrc/cpu/kernels.h has the full contract). Both keep
+# 16-output-channel panels contiguous along K, with the kept values of a panel's 16 channels
+# side by side (one zmm operand) and their 4-bit codes next to them:
+#
+# "sp24i8" (int8 values), Kb = ceil(K/8), Np = ceil(N/16)*16:
+#   values int8 [Np/16, Kb, 64]:  [nb, b, 4*j + t] = values[16*nb + j, 4*b + t]
+#   codes uint8 [Np/16, Kb, 16]:  the meta byte meta[16*nb + j, b] of column j at position
+#                                 SP24I8_CODE_ORDER.index(j)
+#   colsum int32 [Np]:            sum of each channel's values (for the u8 activation trick)
+# "sp24f" (fp32 or bf16 values), G = K/4:
+#   values [Np/16, G, 32]:        [nb, g, 2*j + t] = values[16*nb + j, 2*g + t] (fp32 or bf16:
+#                                 the order does not depend on the dtype, so a module's .to(dtype)
+#                                 keeps a valid layout)
+#   codes int64 [Np/16, G]:       bits 4j..4j+3 = the code of group g of channel 16*nb + j
+# Padding channels hold zero values (code 0b0100 in sp24f, 0 in sp24i8).
+SP24I8_CODE_ORDER = (0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)
+CPU_FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_canonical(values, meta, who):
+    if values.dim() != 2 or meta.dim() != 2 or meta.dtype != torch.uint8 or values.numel() == 0:
+        raise ValueError(f"pysparse.formats.sparse24.{who}: expected values [N, K/2] and meta "
+                         f"uint8 [N, ceil(K/8)], got {tuple(values.shape)} and "
+                         f"{tuple(meta.shape)} {meta.dtype}")
+    N, half = values.shape
+    K = 2 * half
+    if K % 4 or meta.shape != (N, (K + 7) // 8):
+        raise ValueError(f"pysparse.formats.sparse24.{who}: meta shape {tuple(meta.shape)} does "
+                         f"not match values {tuple(values.shape)}")
+    unpack_meta(meta, K)  # raises on a corrupt code
+    return N, K
+
+
+def pack_cpu_int8(values_q: torch.Tensor, meta: torch.Tensor):
+    """Canonical int8 2:4 -> sp24i8: (values int8 [Np/16, Kb, 64], codes uint8 [Np/16, Kb, 16],
+    colsum int32 [Np])."""
+    if values_q.dtype != torch.int8:
+        raise ValueError(f"pysparse.formats.sparse24.pack_cpu_int8: values must be int8, got "
+                         f"{values_q.dtype}")
+    N, K = _check_canonical(values_q, meta, "pack_cpu_int8")
+    Np, KB = -(-N // 16) * 16, -(-K // 8)
+    v = torch.nn.functional.pad(values_q, (0, 4 * KB - K // 2, 0, Np - N))
+    packed_v = v.reshape(Np // 16, 16, KB, 4).permute(0, 2, 1, 3).reshape(Np // 16, KB, 64)
+    c = torch.nn.functional.pad(meta, (0, 0, 0, Np - N)).reshape(Np // 16, 16, KB).permute(0, 2, 1)
+    packed_c = c[..., list(SP24I8_CODE_ORDER)]
+    colsum = v.sum(dim=1, dtype=torch.int32)
+    return packed_v.contiguous(), packed_c.contiguous(), colsum.contiguous()
+
+
+def unpack_cpu_int8(packed_v, packed_c, N: int, K: int):
+    """Inverse of pack_cpu_int8 -> canonical (values_q [N, K/2], meta [N, ceil(K/8)])."""
+    Np, KB = -(-N // 16) * 16, -(-K // 8)
+    if (K % 4 or packed_v.dtype != torch.int8 or packed_v.numel() != Np * KB * 4
+            or packed_c.dtype != torch.uint8 or packed_c.numel() != Np * KB):
+        raise ValueError(f"pysparse.formats.sparse24.unpack_cpu_int8: buffers do not hold an "
+                         f"sp24i8 weight with N={N}, K={K}")
+    v = packed_v.reshape(Np // 16, KB, 16, 4).permute(0, 2, 1, 3).reshape(Np, 4 * KB)
+    inv = [SP24I8_CODE_ORDER.index(j) for j in range(16)]
+    c = packed_c.reshape(Np // 16, KB, 16)[..., inv].permute(0, 2, 1).reshape(Np, KB)
+    return v[:N, : K // 2].contiguous(), c[:N].contiguous()
+
+
+def pack_cpu_float(values: torch.Tensor, meta: torch.Tensor):
+    """Canonical fp32/bf16 2:4 -> sp24f: (values [Np/16, K/4, 32] same dtype, codes int64
+    [Np/16, K/4])."""
+    if values.dtype not in CPU_FLOAT_DTYPES:
+        raise ValueError(f"pysparse.formats.sparse24.pack_cpu_float: values must be float32 or "
+                         f"bfloat16 for the CPU kernels, got {values.dtype}")
+    N, K = _check_canonical(values, meta, "pack_cpu_float")
+    Np, G = -(-N // 16) * 16, K // 4
+    v = torch.nn.functional.pad(values, (0, 0, 0, Np - N)).reshape(Np // 16, 16, G, 2)
+    v = v.permute(0, 2, 1, 3)
+    codes = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(N, -1)[:, :G].long()
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, Np - N), value=0b0100)
+    shifts = 4 * torch.arange(16, dtype=torch.int64)
+    # disjoint bit fields: the (wrapping) int64 sum is their bitwise or
+    packed_c = (codes.reshape(Np // 16, 16, G) << shifts[None, :, None]).sum(dim=1)
+    return v.reshape(Np // 16, G, 32).contiguous(), packed_c.contiguous()
+
+
+def unpack_cpu_float(packed_v, packed_c, N: int, K: int):
+    """Inverse of pack_cpu_float -> canonical (values [N, K/2], meta [N, ceil(K/8)])."""
+    Np, G = -(-N // 16) * 16, K // 4
+    if (K % 4 or not packed_v.is_floating_point() or packed_v.numel() != Np // 16 * G * 32
+            or packed_c.dtype != torch.int64 or packed_c.numel() != Np // 16 * G):
+        raise ValueError(f"pysparse.formats.sparse24.unpack_cpu_float: buffers do not hold an "
+                         f"sp24f weight with N={N}, K={K}")
+    v = packed_v.reshape(Np // 16, G, 16, 2)
+    values = v.permute(0, 2, 1, 3).reshape(Np, 2 * G)[:N]
+    shifts = 4 * torch.arange(16, dtype=torch.int64)
+    codes = ((packed_c.reshape(Np // 16, 1, G) >> shifts[None, :, None]) & 0xF).reshape(Np, G)[:N]
+    if G % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    meta = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    return values.contiguous(), meta.contiguous()

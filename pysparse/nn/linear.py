@@ -130,64 +130,143 @@ class Int8Linear(_PackedLinear):
         return super().extra_repr() + f", layout={self.layout!r}"
 
 
-class Sparse24Linear(_PackedLinear):
-    """2:4 sparse weight in the layer's float dtype (values + meta, canonical format)."""
+def default_sparse_layout(backend, device, dtype=torch.float32) -> str:
+    """"sp24" (packed for the 2:4 CPU kernels) where they will run, else "canonical"."""
+    if dtype in _sp24.CPU_FLOAT_DTYPES + (torch.int8,) and default_layout(backend, device) != "canonical":
+        return "sp24"
+    return "canonical"
+
+
+class _Sparse24Base(_PackedLinear):
+    LAYOUTS = ("canonical", "sp24")
+
+    def _check_layout(self, layout):
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"pysparse.{type(self).__name__}: unknown layout {layout!r}; choose "
+                             f"one of {self.LAYOUTS}")
+        self.layout = layout
+
+    def extra_repr(self):
+        return super().extra_repr() + f", layout={self.layout!r}"
+
+
+class Sparse24Linear(_Sparse24Base):
+    """2:4 sparse weight in the layer's float dtype.
+
+    layout "canonical" holds ``values`` [N, K/2] + ``meta`` (formats.sparse24); layout "sp24"
+    (the default where the CPU kernels run, for fp32/bf16 weights) holds ``weight_values`` /
+    ``weight_codes`` as formats.sparse24.pack_cpu_float makes them. The packed value order does
+    not depend on the dtype, so ``model.to(torch.bfloat16)`` keeps a valid packed weight; a dtype
+    the kernels do not take (float16) runs the reference on the unpacked weight.
+    """
 
     scheme = "2:4"
 
-    def __init__(self, in_features, out_features, bias=True, dtype=torch.float32, backend=None):
+    def __init__(self, in_features, out_features, bias=True, dtype=torch.float32, backend=None,
+                 layout="canonical"):
         super().__init__(in_features, out_features, backend)
-        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype))
-        self.register_buffer("meta", torch.zeros(out_features, (in_features + 7) // 8,
-                                                 dtype=torch.uint8))
+        self._check_layout(layout)
+        N, K = out_features, in_features
+        if layout == "sp24":
+            NB, G = -(-N // 16), K // 4
+            self.register_buffer("weight_values", torch.zeros(NB, G, 32, dtype=dtype))
+            self.register_buffer("weight_codes", torch.zeros(NB, G, dtype=torch.int64))
+        else:
+            self.register_buffer("values", torch.zeros(N, K // 2, dtype=dtype))
+            self.register_buffer("meta", torch.zeros(N, (K + 7) // 8, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, module, backend=None):
+    def from_linear(cls, module, backend=None, layout=None):
         w = linear_weight(module)
-        out = cls(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, backend=backend)
-        out.values, out.meta = _sp24.compress(w)
+        layout = layout or default_sparse_layout(backend, w.device, w.dtype)
+        out = cls(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, backend=backend,
+                  layout=layout)
+        values, meta = _sp24.compress(w)
+        if layout == "sp24":
+            out.weight_values, out.weight_codes = _sp24.pack_cpu_float(values, meta)
+        else:
+            out.values, out.meta = values, meta
         out._set_bias(module)
         return out.to(w.device)
 
+    def canonical(self):
+        """(values [N, K/2], meta) in the canonical format."""
+        if self.layout == "sp24":
+            return _sp24.unpack_cpu_float(self.weight_values, self.weight_codes,
+                                          self.out_features, self.in_features)
+        return self.values, self.meta
+
     def forward(self, x):
+        if self.layout == "sp24":
+            if self.weight_values.dtype in _sp24.CPU_FLOAT_DTYPES:
+                return self._run("sparse24_linear_packed", x, self.weight_values,
+                                 self.weight_codes, self.bias, self.out_features)
+            return self._run("sparse24_linear", x, *self.canonical(), self.bias)
         return self._run("sparse24_linear", x, self.values, self.meta, self.bias)
 
     def dequantized_weight(self):
-        return _sp24.decompress(self.values, self.meta)
+        return _sp24.decompress(*self.canonical())
 
 
-class Sparse24Int8Linear(_PackedLinear):
-    """2:4 sparse + W8A8: int8 kept values with per-channel scales, meta, int8 activations."""
+class Sparse24Int8Linear(_Sparse24Base):
+    """2:4 sparse + W8A8: int8 kept values with per-channel scales, int8 activations per token.
+
+    layout "canonical" holds ``values_q`` + ``meta``; layout "sp24" (the default where the CPU
+    kernels run) holds ``weight_values`` / ``weight_codes`` / ``weight_colsum`` as
+    formats.sparse24.pack_cpu_int8 makes them.
+    """
 
     scheme = "2:4+w8a8"
 
-    def __init__(self, in_features, out_features, bias=True, backend=None):
+    def __init__(self, in_features, out_features, bias=True, backend=None, layout="canonical"):
         super().__init__(in_features, out_features, backend)
-        self.register_buffer("values_q", torch.zeros(out_features, in_features // 2,
-                                                     dtype=torch.int8))
-        self.register_buffer("meta", torch.zeros(out_features, (in_features + 7) // 8,
-                                                 dtype=torch.uint8))
+        self._check_layout(layout)
+        N, K = out_features, in_features
+        if layout == "sp24":
+            NB, KB = -(-N // 16), -(-K // 8)
+            self.register_buffer("weight_values", torch.zeros(NB, KB, 64, dtype=torch.int8))
+            self.register_buffer("weight_codes", torch.zeros(NB, KB, 16, dtype=torch.uint8))
+            self.register_buffer("weight_colsum", torch.zeros(NB * 16, dtype=torch.int32))
+        else:
+            self.register_buffer("values_q", torch.zeros(N, K // 2, dtype=torch.int8))
+            self.register_buffer("meta", torch.zeros(N, (K + 7) // 8, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, module, backend=None):
+    def from_linear(cls, module, backend=None, layout=None):
         w = linear_weight(module)
-        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
-        values, out.meta = _sp24.compress(w)
+        layout = layout or default_sparse_layout(backend, w.device, torch.int8)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend, layout=layout)
+        values, meta = _sp24.compress(w)
         # per-channel scale from the kept values (= from the whole row: the pruned ones are 0)
-        out.values_q, out.weight_scale = _int8.quantize_weight(values)
+        values_q, out.weight_scale = _int8.quantize_weight(values)
+        if layout == "sp24":
+            out.weight_values, out.weight_codes, out.weight_colsum = _sp24.pack_cpu_int8(values_q,
+                                                                                       meta)
+        else:
+            out.values_q, out.meta = values_q, meta
         out._set_bias(module)
         return out.to(w.device)
 
+    def canonical(self):
+        """(values_q [N, K/2] int8, meta) in the canonical format."""
+        if self.layout == "sp24":
+            return _sp24.unpack_cpu_int8(self.weight_values, self.weight_codes,
+                                         self.out_features, self.in_features)
+        return self.values_q, self.meta
+
     def forward(self, x):
+        if self.layout == "sp24":
+            return self._run("sparse24_int8_linear_packed", x, self.weight_values,
+                             self.weight_codes, self.weight_colsum, self.weight_scale, self.bias)
         return self._run("sparse24_int8_linear", x, self.values_q, self.meta,
                          self.weight_scale, self.bias)
 
     def dequantized_weight(self):
-        return _sp24.decompress(_int8.dequantize_weight(self.values_q, self.weight_scale),
-                                self.meta)
+        values_q, meta = self.canonical()
+        return _sp24.decompress(_int8.dequantize_weight(values_q, self.weight_scale), meta)
 
 
 SCHEMES = {

@@ -80,6 +80,40 @@ def sparse24_weight(op, values, meta, device, value_dtypes):
     return N, K
 
 
+def packed_sparse24_weight(op, x, w_values, w_codes, N, int8):
+    """Sizes of an sp24i8 (int8) / sp24f (float) packed weight (formats.sparse24.pack_cpu_*):
+    N given, K from x; the buffers must match exactly."""
+    K = x.shape[-1] if x.dim() else 0
+    if N < 1 or K < 4 or K % 4:
+        _fail(op, f"need N >= 1 and K (x's last dim) a positive multiple of 4, got N={N}, K={K}")
+    NB = -(-N // 16)
+    if int8:
+        tensor(op, "w_values", w_values, (torch.int8,), device=x.device, contiguous=True)
+        tensor(op, "w_codes", w_codes, (torch.uint8,), device=x.device, contiguous=True)
+        KB = -(-K // 8)
+        want_v, want_c = NB * KB * 64, NB * KB * 16
+    else:
+        tensor(op, "w_values", w_values, (torch.float32, torch.bfloat16), device=x.device,
+               contiguous=True)
+        tensor(op, "w_codes", w_codes, (torch.int64,), device=x.device, contiguous=True)
+        want_v, want_c = NB * (K // 4) * 32, NB * (K // 4)
+    if w_values.numel() != want_v or w_codes.numel() != want_c:
+        _fail(op, f"w_values must hold {want_v} and w_codes {want_c} elements for N={N}, K={K} "
+                  f"(x [..., {K}]); got {w_values.numel()} and {w_codes.numel()}")
+    return N, K
+
+
+def sparse_finite(op, x, K):
+    """2:4 float ops refuse NaN/Inf activations (the CPU kernel never multiplies the activations
+    that meet pruned weights, so 0 * Inf = NaN would not appear; refusing keeps every backend
+    equal)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        row = int((~torch.isfinite(x.reshape(-1, K)).all(dim=1)).nonzero()[0])
+        _fail(op, f"x contains NaN or Inf (first at token row {row}); a 2:4 kernel never "
+                  "multiplies the activations that meet pruned weights, so non-finite activations "
+                  "are refused instead of giving a result that differs from the dense product")
+
+
 def finite_rows(op, amax):
     """amax: per-row max |x|; NaN/Inf anywhere in a row makes it non-finite."""
     bad = ~torch.isfinite(amax)

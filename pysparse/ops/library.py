@@ -8,7 +8,7 @@ import torch
 
 NAMESPACE = "pysparse"
 OPS = ("quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
-       "sparse24_int8_linear", "attention")
+       "sparse24_linear_packed", "sparse24_int8_linear", "sparse24_int8_linear_packed", "attention")
 
 # x [..., K] float -> q int8 [..., K], scale fp32 [...]:  x ≈ q * scale[..., None]
 torch.library.define("pysparse::quantize_per_token", "(Tensor x) -> (Tensor, Tensor)")
@@ -52,6 +52,18 @@ def _(x, values, meta, bias):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
+# 2:4 on a CPU-packed weight (formats.sparse24.pack_cpu_float, "sp24f"): w_values fp32/bf16
+# [Np/16, K/4, 32], w_codes int64 [Np/16, K/4]; K = x.shape[-1]. Same result as sparse24_linear.
+torch.library.define(
+    "pysparse::sparse24_linear_packed",
+    "(Tensor x, Tensor w_values, Tensor w_codes, Tensor? bias, SymInt N) -> Tensor")
+
+
+@torch.library.register_fake("pysparse::sparse24_linear_packed")
+def _(x, w_values, w_codes, bias, N):
+    return x.new_empty((*x.shape[:-1], N))
+
+
 # 2:4 + W8A8: values_q int8 [N, K/2], meta uint8 [N, ceil(K/8)], w_scale fp32 [N]
 torch.library.define(
     "pysparse::sparse24_int8_linear",
@@ -74,3 +86,16 @@ torch.library.define(
 @torch.library.register_fake("pysparse::attention")
 def _(q, k, v, mask=None, causal=False, scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# 2:4 + W8A8 on a CPU-packed weight (formats.sparse24.pack_cpu_int8, "sp24i8"): w_values int8
+# [Np/16, Kb, 64], w_codes uint8 [Np/16, Kb, 16], w_colsum int32 [Np]; N = w_scale.shape[0].
+torch.library.define(
+    "pysparse::sparse24_int8_linear_packed",
+    "(Tensor x, Tensor w_values, Tensor w_codes, Tensor w_colsum, Tensor w_scale, Tensor? bias) "
+    "-> Tensor")
+
+
+@torch.library.register_fake("pysparse::sparse24_int8_linear_packed")
+def _(x, w_values, w_codes, w_colsum, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))

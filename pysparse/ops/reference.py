@@ -82,11 +82,13 @@ def int8_linear_packed(x, w_packed, w_colsum, w_scale, bias=None):
 
 def sparse24_linear(x, values, meta, bias=None):
     """2:4 sparse linear in float: y = x @ decompress(values, meta).T + bias, computed in fp32,
-    cast to x.dtype. values [N, K/2] float, meta uint8 [N, ceil(K/8)]."""
+    cast to x.dtype. values [N, K/2] float, meta uint8 [N, ceil(K/8)]. Non-finite x is refused
+    (checks.sparse_finite)."""
     checks.tensor("sparse24_linear", "x", x, checks.FLOAT_DTYPES)
     N, K = checks.sparse24_weight("sparse24_linear", values, meta, x.device, checks.FLOAT_DTYPES)
     checks.activation("sparse24_linear", x, K)
     checks.bias("sparse24_linear", bias, N, x.device)
+    checks.sparse_finite("sparse24_linear", x, K)
     w = _sp24.decompress(values, meta).float()
     y = x.float() @ w.T
     if bias is not None:
@@ -105,6 +107,34 @@ def sparse24_int8_linear(x, values_q, meta, w_scale, bias=None):
     checks.activation(op, x, K)
     checks.bias(op, bias, N, x.device)
     return _quantized_linear(op, x, _sp24.decompress(values_q, meta), w_scale, bias)
+
+
+def sparse24_linear_packed(x, w_values, w_codes, bias, N):
+    """sparse24_linear on an sp24f-packed weight; defined as sparse24_linear on the unpacked one.
+    Like the CPU kernel (which never multiplies the activations that meet pruned weights),
+    non-finite activations are refused."""
+    op = "sparse24_linear_packed"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.packed_sparse24_weight(op, x, w_values, w_codes, int(N), int8=False)
+    checks.bias(op, bias, N, x.device)
+    checks.sparse_finite(op, x, K)
+    values, meta = _sp24.unpack_cpu_float(w_values, w_codes, N, K)
+    return sparse24_linear(x, values, meta, bias)
+
+
+def sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_scale, bias=None):
+    """sparse24_int8_linear on an sp24i8-packed weight (w_colsum is the kernels' helper and is
+    not read here)."""
+    op = "sparse24_int8_linear_packed"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    checks.tensor(op, "w_scale", w_scale, checks.FLOAT_DTYPES, ndim=1, device=x.device)
+    checks.tensor(op, "w_colsum", w_colsum, (torch.int32,), ndim=1, device=x.device)
+    N, K = checks.packed_sparse24_weight(op, x, w_values, w_codes, w_scale.shape[0], int8=True)
+    if w_colsum.shape[0] != -(-N // 16) * 16:
+        raise ValueError(f"pysparse.{op}: w_colsum must have {-(-N // 16) * 16} entries, got "
+                         f"{w_colsum.shape[0]}")
+    values_q, meta = _sp24.unpack_cpu_int8(w_values, w_codes, N, K)
+    return sparse24_int8_linear(x, values_q, meta, w_scale, bias)
 
 
 def attention(q, k, v, mask=None, causal=False, scale=None):

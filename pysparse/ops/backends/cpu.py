@@ -2,7 +2,7 @@
 
 Registered as the ``CPU`` kernel of each op it implements. Falls back to the reference when the
 extension is missing, when ``PYSPARSE_BACKEND=reference``, or for dtypes the kernels do not take
-(float16). ``sparse24_*`` run a decompress + dense path until the 2:4 CPU kernels land.
+(float16). ``sparse24_*`` on canonical weights pack per call; modules hold packed weights.
 """
 import importlib
 
@@ -114,26 +114,73 @@ def int8_linear_packed(x, w_packed, w_colsum, w_scale, bias=None):
 
 
 def sparse24_linear(x, values, meta, bias=None):
-    if not native_ok(x):
+    """Canonical 2:4 weight: packed on every call (O(N*K)), then the packed kernel. Modules pack
+    once (nn.Sparse24Linear, layout "sp24")."""
+    if not native_ok(x) or values.dtype not in _NATIVE_DTYPES:
         return reference.sparse24_linear(x, values, meta, bias)
     checks.tensor("sparse24_linear", "x", x, checks.FLOAT_DTYPES)
     N, K = checks.sparse24_weight("sparse24_linear", values, meta, x.device, checks.FLOAT_DTYPES)
     checks.activation("sparse24_linear", x, K)
     checks.bias("sparse24_linear", bias, N, x.device)
-    w = _sp24.decompress(values, meta).to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    w_values, w_codes = _sp24.pack_cpu_float(values, meta)
+    return sparse24_linear_packed(x, w_values, w_codes, bias, N)
+
+
+def sparse24_linear_packed(x, w_values, w_codes, bias, N):
+    if not native_ok(x) or x.dim() < 1:
+        return reference.sparse24_linear_packed(x, w_values, w_codes, bias, N)
+    N, K = int(N), x.shape[-1]
+    x2 = _rows(x, K)
+    if x2.shape[0] == 0:
+        return reference.sparse24_linear_packed(x, w_values, w_codes, bias, N)
+
+    def check():
+        op = "sparse24_linear_packed"
+        checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+        n, _ = checks.packed_sparse24_weight(op, x, w_values, w_codes, N, int8=False)
+        checks.bias(op, bias, n, x.device)
+
+    y = _native(lambda: _C.sparse24_linear_packed(x2.contiguous(), w_values, w_codes, _fp32(bias),
+                                                  N), check)
+    return _unrows(y, x, N)
 
 
 def sparse24_int8_linear(x, values_q, meta, w_scale, bias=None):
+    """Canonical 2:4 int8 weight: packed on every call, then the packed kernel."""
     if not native_ok(x):
         return reference.sparse24_int8_linear(x, values_q, meta, w_scale, bias)
     op = "sparse24_int8_linear"
     checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
-    checks.sparse24_weight(op, values_q, meta, x.device, (torch.int8,))
-    return int8_linear(x, _sp24.decompress(values_q, meta), w_scale, bias)
+    N, K = checks.sparse24_weight(op, values_q, meta, x.device, (torch.int8,))
+    checks.tensor(op, "w_scale", w_scale, checks.FLOAT_DTYPES, ndim=1, device=x.device)
+    if w_scale.shape[0] != N:
+        raise ValueError(f"pysparse.{op}: w_scale must have shape [{N}], got {tuple(w_scale.shape)}")
+    checks.activation(op, x, K)
+    checks.bias(op, bias, N, x.device)
+    w_values, w_codes, w_colsum = _sp24.pack_cpu_int8(values_q, meta)
+    return sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_scale, bias)
+
+
+def sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_scale, bias=None):
+    if not native_ok(x) or x.dim() < 1 or w_scale.dim() != 1:
+        return reference.sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_scale, bias)
+    N, K = w_scale.shape[0], x.shape[-1]
+    x2 = _rows(x, K)
+    if x2.shape[0] == 0:
+        return reference.sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_scale, bias)
+
+    def check():
+        op = "sparse24_int8_linear_packed"
+        checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+        n, _ = checks.packed_sparse24_weight(op, x, w_values, w_codes, N, int8=True)
+        checks.bias(op, bias, n, x.device)
+
+    y = _native(lambda: _C.sparse24_int8_linear_packed(x2.contiguous(), w_values, w_codes, w_colsum,
+                                                       _fp32(w_scale), _fp32(bias), N), check)
+    return _unrows(y, x, N)
 
 
 def register():
     for op in ("quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
-               "sparse24_int8_linear"):
+               "sparse24_linear_packed", "sparse24_int8_linear", "sparse24_int8_linear_packed"):
         torch.library.impl(f"pysparse::{op}", "CPU", globals()[op])
