@@ -96,18 +96,7 @@ void bf16_tile(const Sparse24FArgs& a, int64_t m, int64_t n, __m512i ctrl) {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p) acc[0][r][p] = _mm512_add_ps(acc[0][r][p], acc[u][r][p]);
-  const int64_t N = a.N;
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = n + p * 16;
-    const __mmask16 mk = mask16(N - n0);
-    const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 f = a.bias ? _mm512_add_ps(acc[0][r][p], bs) : acc[0][r][p];
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + (m + r) * N + n0, mk, f32_to_bf16_16(f));
-    }
-  }
+  store_f32_tile<MR, NP>(acc[0], a.bias, m, n, a.N, kBF16, a.y);
 }
 
 // Many rows: as in the int8 gather kernel (avx512_sparse.cpp), the vpermw
@@ -163,18 +152,7 @@ void bf16_tile_many(const Sparse24FArgs& a, int64_t m, int64_t n, const uint16_t
         for (int p = 0; p < NP; ++p) dpbf16(acc[r][p], _mm512_permutexvar_epi16(iv[p], xc[r]), wv[p]);
     }
   }
-  const int64_t N = a.N;
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = n + p * 16;
-    const __mmask16 mk = mask16(N - n0);
-    const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 f = a.bias ? _mm512_add_ps(acc[r][p], bs) : acc[r][p];
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + (m + r) * N + n0, mk, f32_to_bf16_16(f));
-    }
-  }
+  store_f32_tile<MR, NP>(acc, a.bias, m, n, a.N, kBF16, a.y);
 }
 
 typedef void (*ManyFn)(const Sparse24FArgs&, int64_t, int64_t, const uint16_t*);

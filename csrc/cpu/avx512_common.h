@@ -69,5 +69,46 @@ inline void store_w8a8_16(__m512i acc, float xs, __m512 ws, const __m512* bias, 
     _mm512_mask_storeu_ps(static_cast<float*>(y) + o, mk, f);
 }
 
+// Epilogue of an MR-row x NP-panel W8A8 tile of a packed kernel (u8 activations): per panel
+// acc - 128*colsum undoes the +128 of the activation (exact, wrapping), then the scales and
+// bias; loads of colsum/ws/bias are masked to the columns < N.
+template <int MR, int NP>
+inline void store_w8a8_tile(const __m512i (&acc)[MR][NP], const int32_t* colsum, const float* ws_, const float* bias,
+                            const float* xs, int64_t m, int64_t n, int64_t N, DType dt, void* y) {
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+    const int64_t n0 = n + p * 16;
+    const __mmask16 mk = mask16(N - n0);
+    const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, colsum + n0), 7);
+    const __m512 ws = _mm512_maskz_loadu_ps(mk, ws_ + n0);
+    const __m512 bs = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      store_w8a8_16(_mm512_sub_epi32(acc[r][p], cs), xs[m + r], ws, bias ? &bs : nullptr, dt, y, (m + r) * N + n0,
+                    mk);
+  }
+}
+
+// Epilogue of an MR x NP float tile: y = acc (+ bias) stored as dt, columns < N only.
+template <int MR, int NP>
+inline void store_f32_tile(const __m512 (&acc)[MR][NP], const float* bias, int64_t m, int64_t n, int64_t N, DType dt,
+                           void* y) {
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+    const int64_t n0 = n + p * 16;
+    const __mmask16 mk = mask16(N - n0);
+    const __m512 bs = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 f = bias ? _mm512_add_ps(acc[r][p], bs) : acc[r][p];
+      const int64_t o = (m + r) * N + n0;
+      if (dt == kBF16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + o, mk, f32_to_bf16_16(f));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + o, mk, f);
+    }
+  }
+}
+
 }  // namespace
 }}}  // namespace pysparse::cpu::detail

@@ -87,34 +87,14 @@ void i8_tile(const Sparse24I8Args& a, int64_t m, int64_t n, __m512i ctrl, __m512
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p) acc[u][r][p] = _mm512_setzero_si512();
-  int64_t kb = 0;
-  for (; kb + U <= KB; kb += U) {
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) {
-      __m512i wv[NP], ix[NP];
-#pragma GCC unroll 4
-      for (int p = 0; p < NP; ++p) {
-        const int8_t* vl = V + p * vps + (kb + u) * 64;
-        prefetch_l2(vl, kPrefetchBytes);
-        if (((kb + u) & 3) == 0) prefetch_l2(C + p * cps + (kb + u) * 16, kPrefetchBytes / 4);
-        wv[p] = _mm512_loadu_si512(vl);
-        ix[p] = i8_index(C + p * cps + (kb + u) * 16, ctrl, off);
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        long long x8;
-        std::memcpy(&x8, A + r * as + (kb + u) * 8, 8);
-        const __m512i xb = _mm512_set1_epi64(x8);
-#pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) dpbusd(acc[u][r][p], _mm512_permutexvar_epi8(ix[p], xb), wv[p]);
-      }
-    }
-  }
-  for (; kb < KB; ++kb) {
+  auto step = [&](int u, int64_t kb) {
     __m512i wv[NP], ix[NP];
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
-      wv[p] = _mm512_loadu_si512(V + p * vps + kb * 64);
+      const int8_t* vl = V + p * vps + kb * 64;
+      prefetch_l2(vl, kPrefetchBytes);
+      if ((kb & 3) == 0) prefetch_l2(C + p * cps + kb * 16, kPrefetchBytes / 4);
+      wv[p] = _mm512_loadu_si512(vl);
       ix[p] = i8_index(C + p * cps + kb * 16, ctrl, off);
     }
 #pragma GCC unroll 8
@@ -123,30 +103,23 @@ void i8_tile(const Sparse24I8Args& a, int64_t m, int64_t n, __m512i ctrl, __m512
       std::memcpy(&x8, A + r * as + kb * 8, 8);
       const __m512i xb = _mm512_set1_epi64(x8);
 #pragma GCC unroll 4
-      for (int p = 0; p < NP; ++p) dpbusd(acc[0][r][p], _mm512_permutexvar_epi8(ix[p], xb), wv[p]);
+      for (int p = 0; p < NP; ++p) dpbusd(acc[u][r][p], _mm512_permutexvar_epi8(ix[p], xb), wv[p]);
     }
+  };
+  int64_t kb = 0;
+  for (; kb + U <= KB; kb += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step(u, kb + u);
   }
+  for (; kb < KB; ++kb) step(0, kb);  // leftover blocks when U does not divide KB
 #pragma GCC unroll 4
   for (int u = 1; u < U; ++u)
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p) acc[0][r][p] = _mm512_add_epi32(acc[0][r][p], acc[u][r][p]);
-  // Epilogue as in the dense packed kernel: acc - 128*colsum undoes the +128
-  // of the u8 activation (exact, wrapping), then the W8A8 scales.
-  const int64_t N = a.N;
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = n + p * 16;
-    const __mmask16 mk = mask16(N - n0);
-    const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, a.colsum + n0), 7);
-    const __m512 ws = _mm512_maskz_loadu_ps(mk, a.ws + n0);
-    const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-      store_w8a8_16(_mm512_sub_epi32(acc[0][r][p], cs), a.xs[m + r], ws, a.bias ? &bs : nullptr, a.dt, a.y,
-                    (m + r) * N + n0, mk);
-  }
+  // Epilogue as in the dense packed kernel (avx512_common.h).
+  store_w8a8_tile<MR, NP>(acc[0], a.colsum, a.ws, a.bias, a.xs, m, n, a.N, a.dt, a.y);
 }
 
 typedef void (*I8TileFn)(const Sparse24I8Args&, int64_t, int64_t, __m512i, __m512i);
@@ -208,19 +181,7 @@ void i8_tile_many(const Sparse24I8Args& a, int64_t m, int64_t n, const uint8_t* 
         for (int p = 0; p < NP; ++p) dpbusd(acc[r][p], _mm512_permutexvar_epi8(iv[p], xc[r]), wv[p]);
     }
   }
-  const int64_t N = a.N;
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = n + p * 16;
-    const __mmask16 mk = mask16(N - n0);
-    const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, a.colsum + n0), 7);
-    const __m512 ws = _mm512_maskz_loadu_ps(mk, a.ws + n0);
-    const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-      store_w8a8_16(_mm512_sub_epi32(acc[r][p], cs), a.xs[m + r], ws, a.bias ? &bs : nullptr, a.dt, a.y,
-                    (m + r) * N + n0, mk);
-  }
+  store_w8a8_tile<MR, NP>(acc, a.colsum, a.ws, a.bias, a.xs, m, n, a.N, a.dt, a.y);
 }
 
 typedef void (*I8ManyFn)(const Sparse24I8Args&, int64_t, int64_t, const uint8_t*, int64_t);
@@ -271,18 +232,10 @@ inline __m512 x4(const void* x, int64_t i) {
   return _mm512_broadcast_f32x4(_mm_loadu_ps(static_cast<const float*>(x) + i));
 }
 
-inline void store_f16cols(__m512 f, const float* bias, int64_t n0, __mmask16 mk, DType dt, void* y, int64_t o) {
-  if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(mk, bias + n0));
-  if (dt == kBF16)
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + o, mk, f32_to_bf16_16(f));
-  else
-    _mm512_mask_storeu_ps(static_cast<float*>(y) + o, mk, f);
-}
-
 template <int MR, int NP, bool XBF16, bool VBF16>
 void f_tile(const Sparse24FArgs& a, int64_t m, int64_t n, __m512i c0, __m512i c1) {
   static_assert(MR * NP + 4 * NP + 2 <= 32, "must fit the zmm file");
-  const int64_t K = a.K, G = K / 4, vsz = VBF16 ? 2 : 4, ps = 32 * G;  // values per panel
+  const int64_t K = a.K, G = K / 4, vsz = VBF16 ? 2 : 4;
   const int64_t nb = n / 16;
   const uint64_t* C = a.sc + nb * G;
   __m512 acc[MR][NP];
@@ -303,7 +256,6 @@ void f_tile(const Sparse24FArgs& a, int64_t m, int64_t n, __m512i c0, __m512i c1
       i0[p] = _mm512_and_si512(_mm512_multishift_epi64_epi8(c0, cb), three);
       i1[p] = _mm512_and_si512(_mm512_multishift_epi64_epi8(c1, cb), three);
     }
-    (void)ps;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 xv = x4<XBF16>(a.x, (m + r) * K + 4 * g);
@@ -314,14 +266,7 @@ void f_tile(const Sparse24FArgs& a, int64_t m, int64_t n, __m512i c0, __m512i c1
       }
     }
   }
-  const int64_t N = a.N;
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = n + p * 16;
-    const __mmask16 mk = mask16(N - n0);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) store_f16cols(acc[r][p], a.bias, n0, mk, a.dt, a.y, (m + r) * N + n0);
-  }
+  store_f32_tile<MR, NP>(acc, a.bias, m, n, a.N, a.dt, a.y);
 }
 
 typedef void (*FTileFn)(const Sparse24FArgs&, int64_t, int64_t, __m512i, __m512i);

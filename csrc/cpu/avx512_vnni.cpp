@@ -292,24 +292,8 @@ void packed_tile(const PackedArgs& a, int64_t m, int64_t n) {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p) acc[0][r][p] = _mm512_add_epi32(acc[0][r][p], acc[u][r][p]);
-  // Epilogue: undo the +128 of the activation (acc - 128*colsum, wrapping,
-  // exact), then y = ((float)acc * xs[m]) * ws[n] (+ bias[n]) in that order
-  // with the asm barrier keeping mul and add from being fused into an FMA.
-  // Loads of colsum/ws/bias are masked to the columns < N (those arrays have
-  // only N entries).
-  const int64_t N = a.N;
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = n + p * 16;
-    const __mmask16 mk = mask16(N - n0);
-    const __m512i cs = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, a.colsum + n0), 7);
-    const __m512 ws = _mm512_maskz_loadu_ps(mk, a.ws + n0);
-    const __m512 bs = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-      store_w8a8_16(_mm512_sub_epi32(acc[0][r][p], cs), a.xs[m + r], ws, a.bias ? &bs : nullptr, a.dt, a.y,
-                    (m + r) * N + n0, mk);
-  }
+  // Epilogue: undo the +128 of the activation and apply the scales (avx512_common.h).
+  store_w8a8_tile<MR, NP>(acc[0], a.colsum, a.ws, a.bias, a.xs, m, n, a.N, a.dt, a.y);
 }
 
 typedef void (*PackedTileFn)(const PackedArgs&, int64_t, int64_t);

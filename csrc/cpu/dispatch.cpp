@@ -174,6 +174,12 @@ void run_pf(ParallelFor pf, int64_t n, int64_t grain, void* ctx, RangeFn fn) {
   else fn(ctx, 0, n);
 }
 
+// Each parallel chunk reports the first bad row of its own range; keep the global min.
+void keep_min(std::atomic<int64_t>& bad, int64_t r) {
+  int64_t cur = bad.load(std::memory_order_relaxed);
+  while (r < cur && !bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
+}
+
 // ---------------------------------------------------------------- quantize
 struct QuantCtx {
   Isa isa;
@@ -197,10 +203,7 @@ void quant_range(void* p, int64_t b, int64_t e) {
     default:
       r = detail::quantize_rows_ref(c->x, c->dt, c->K, b, e, c->q, c->scale, c->rowsum); break;
   }
-  if (r < 0) return;
-  // Each chunk reports the first bad row of its own range; keep the global min.
-  int64_t cur = c->bad.load(std::memory_order_relaxed);
-  while (r < cur && !c->bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
+  if (r >= 0) keep_min(c->bad, r);
 }
 
 int64_t quantize_impl(Isa isa, const void* x, DType dt, int64_t M, int64_t K, int8_t* q, float* scale,
@@ -311,9 +314,7 @@ void packed_quant_range(void* p, int64_t b, int64_t e) {
       r = detail::quantize_rows_ref(c->x, c->dt, c->K, b, e, static_cast<int8_t*>(c->out), c->scale, nullptr);
       break;
   }
-  if (r < 0) return;
-  int64_t cur = c->bad.load(std::memory_order_relaxed);
-  while (r < cur && !c->bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
+  if (r >= 0) keep_min(c->bad, r);
 }
 
 // Task grid shared by the packed-weight GEMMs (dense and 2:4): output tiles
@@ -414,6 +415,9 @@ bool gather_disabled() {
   return off;
 }
 
+// sp24i8: position of column j's meta byte among a block's 16 code bytes (kernels.h).
+const int kCodePos[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
+
 bool gather_ok(Isa isa) { return isa >= kAvx512Vnni && cpu_info().vbmi && !gather_disabled(); }
 
 // Expand the sp24i8 columns [n0, n1) (n0 a multiple of 16) into vnni16
@@ -422,7 +426,6 @@ bool gather_ok(Isa isa) { return isa >= kAvx512Vnni && cpu_info().vbmi && !gathe
 // rows of the block.
 void expand_i8_vnni16(const int8_t* sv, const uint8_t* sc, int64_t Kp, int64_t n0, int64_t n1, int8_t* out) {
   const int64_t KB = Kp / 8, KG = Kp / 4;
-  static const int kPos[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};  // column j -> code byte
   for (int64_t nb = n0 / 16; nb * 16 < n1; ++nb) {
     int8_t* dst = out + (nb - n0 / 16) * KG * 64;
     std::memset(dst, 0, size_t(KG * 64));
@@ -430,7 +433,7 @@ void expand_i8_vnni16(const int8_t* sv, const uint8_t* sc, int64_t Kp, int64_t n
       const int8_t* v = sv + (nb * KB + b) * 64;
       const uint8_t* c = sc + (nb * KB + b) * 16;
       for (int j = 0; j < 16; ++j) {
-        const unsigned code = c[kPos[j]];
+        const unsigned code = c[kCodePos[j]];
         for (int t = 0; t < 4; ++t) {
           const int64_t kg = 2 * b + t / 2;  // 4-k group within the panel
           dst[kg * 64 + j * 4 + ((code >> (2 * t)) & 3u)] = v[j * 4 + t];
@@ -508,9 +511,7 @@ void nonfinite_range(void* p, int64_t b, int64_t e) {
         }
       }
   }
-  if (r < 0) return;
-  int64_t cur = c->bad.load(std::memory_order_relaxed);
-  while (r < cur && !c->bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {}
+  if (r >= 0) keep_min(c->bad, r);
 }
 
 struct Sp24FCtx {
@@ -691,14 +692,13 @@ void pack_sparse24_int8(const int8_t* values, const uint8_t* meta, int64_t N, in
                         uint8_t* packed_codes, int32_t* colsum) {
   if (N <= 0 || K <= 0) return;
   const int64_t KB = (K + 7) / 8, NB = (N + 15) / 16, half = K / 2, mb = (K + 7) / 8;
-  static const int kPos[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};  // column j -> code byte
   for (int64_t n = 0; n < NB * 16; ++n) {
     const int64_t nb = n / 16;
     const int j = int(n % 16);
     uint32_t sum = 0;
     for (int64_t b = 0; b < KB; ++b) {
       int8_t* v = packed_values + (nb * KB + b) * 64 + j * 4;
-      uint8_t* c = packed_codes + (nb * KB + b) * 16 + kPos[j];
+      uint8_t* c = packed_codes + (nb * KB + b) * 16 + kCodePos[j];
       if (n >= N) {
         std::memset(v, 0, 4);
         *c = 0;
