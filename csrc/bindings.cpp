@@ -278,6 +278,54 @@ at::Tensor sparse24_linear_packed(const at::Tensor& x, const at::Tensor& w_value
   return y;
 }
 
+// q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D] (any strides, unit stride along D), bias: optional additive
+// fp32 mask viewed as [B,Hq,Sq,Sk] (stride 0 where broadcast, unit stride along keys).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& bias, bool causal, double scale, int64_t isa) {
+  const char* op = "attention";
+  const auto dt = dtype_of(op, q);
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == q.scalar_type(), "pysparse.",
+                      op, ": q, k, v must be 4-D CPU tensors of one dtype");
+    TORCH_CHECK_VALUE(t->stride(3) == 1 || t->size(3) == 1, "pysparse.", op,
+                      ": the CPU kernel needs unit stride along head_dim");
+  }
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv >= 1 && Hq % Hkv == 0,
+                    "pysparse.", op, ": k and v must be [B, Hkv, Sk, D] with Hq % Hkv == 0");
+  TORCH_CHECK_VALUE(B >= 1 && Hq >= 1 && Sq >= 1 && Sk >= 1 && D >= 1, "pysparse.", op,
+                    ": the CPU kernel needs non-empty q, k, v");
+  cpu::AttentionArgs a{};
+  a.q = q.data_ptr(); a.k = k.data_ptr(); a.v = v.data_ptr(); a.dt = dt;
+  a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Sq = Sq; a.Sk = Sk; a.D = D;
+  for (int i = 0; i < 3; ++i) {
+    a.qs[i] = q.stride(i); a.ks[i] = k.stride(i); a.vs[i] = v.stride(i);
+  }
+  if (bias.has_value()) {
+    const at::Tensor& m = *bias;
+    TORCH_CHECK_VALUE(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 4 && m.size(0) == B &&
+                          m.size(1) == Hq && m.size(2) == Sq && m.size(3) == Sk && (m.stride(3) == 1 || Sk == 1),
+                      "pysparse.", op, ": bias must be an fp32 [B, Hq, Sq, Sk] view with unit stride along keys");
+    a.bias = m.data_ptr<float>();
+    for (int i = 0; i < 3; ++i) a.bs[i] = m.stride(i);
+  }
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+  auto out = at::empty({B, Hq, Sq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  a.out = out.data_ptr();
+  {
+    pybind11::gil_scoped_release nogil;
+    cpu::attention_fwd(pick_isa(isa), a, torch_parallel_for);
+  }
+  return out;
+}
+
+std::string attention_kernel(int64_t isa, const std::string& dtype) {
+  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "bfloat16", "pysparse.attention_kernel: dtype is float32 or bfloat16");
+  return cpu::attention_kernel_name(pick_isa(isa), dtype == "bfloat16" ? cpu::kBF16 : cpu::kF32);
+}
+
 double int8_peak_gops(int64_t isa, double seconds) {
   TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "pysparse.int8_peak_gops: seconds must be in (0, 10], got ",
                     seconds);
@@ -296,6 +344,7 @@ pybind11::dict info() {
   d["sparse24"] = cpu::has_sparse_gather()
                       ? (cpu::has_avx512_bf16() ? "gather (vpermb+vpdpbusd, vpermw+vdpbf16ps)" : "gather (vpermb+vpdpbusd, fp32 fma)")
                       : "expand to dense per column block";
+  d["attention"] = cpu::attention_kernel_name(cpu::active_isa(), cpu::kBF16);
 #ifdef _OPENMP
   d["parallel"] = true;  // at::parallel_for really forks (ATen's OpenMP backend is header-inline)
 #else
@@ -336,6 +385,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = -1);
   m.def("sparse24_linear_packed", &sparse24_linear_packed, py::arg("x"), py::arg("w_values"), py::arg("w_codes"),
         py::arg("bias"), py::arg("N"), py::arg("isa") = -1);
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("causal"),
+        py::arg("scale"), py::arg("isa") = -1, "flash-attention forward (contract in csrc/cpu/kernels.h)");
+  m.def("attention_kernel", &attention_kernel, py::arg("isa") = -1, py::arg("dtype") = "bfloat16",
+        "which attention kernel runs for an ISA and dtype");
   m.def("int8_peak_gops", &int8_peak_gops, py::arg("isa") = -1, py::arg("seconds") = 0.25,
         "measured single-thread int8 MAC peak of an ISA path, GOP/s");
 }

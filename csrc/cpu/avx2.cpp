@@ -26,6 +26,7 @@
 #pragma GCC diagnostic pop
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "impl.h"
@@ -471,5 +472,11 @@ int64_t peak_loop_avx2(int64_t iters) {
   __asm__ volatile("" : : "x"(s));  // keep the chains alive
   return iters * 6 * 32;
 }
+
+namespace {
+#include "attention_generic.inc"
+}  // namespace
+
+void attn_rows_avx2(const AttnJob& j) { attn_rows_generic(j); }
 
 }}}  // namespace pysparse::cpu::detail

@@ -573,6 +573,107 @@ void sp24_f_range(void* p, int64_t b, int64_t e) {
   }
 }
 
+// ---------------------------------------------------------------- attention
+enum AttnPath { kAttnRef, kAttnAvx2, kAttnF32, kAttnBf16 };
+
+AttnPath attn_path(Isa isa, DType dt) {
+  isa = effective(isa);
+  if (isa >= kAvx512Vnni) return dt == kBF16 && cpu_info().bf16 ? kAttnBf16 : kAttnF32;
+  return isa == kAvx2 ? kAttnAvx2 : kAttnRef;
+}
+
+struct AttnCtx {
+  const AttentionArgs* a;
+  AttnPath path;
+  uint8_t* kp;
+  uint8_t* vp;
+  int64_t kbytes, vbytes;  // per (b, kv head)
+  int64_t nqb;             // query blocks per head
+};
+
+inline float attn_load(const void* x, DType dt, int64_t i) {
+  if (dt == kBF16) {
+    const uint32_t b = uint32_t(static_cast<const uint16_t*>(x)[i]) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+  return static_cast<const float*>(x)[i];
+}
+
+// Packs K and V of (b, kv head g) in the form of impl.h ("f32" or "bf16").
+void attn_pack_one(const AttnCtx& c, int64_t b, int64_t g, uint8_t* kdst, uint8_t* vdst) {
+  const AttentionArgs& a = *c.a;
+  const int64_t Sk = a.Sk, D = a.D, D16 = (D + 15) / 16 * 16, Dp = (D + 1) / 2 * 2;
+  const int64_t kbase = b * a.ks[0] + g * a.ks[1], vbase = b * a.vs[0] + g * a.vs[1];
+  if (c.path == kAttnBf16) {  // bf16 in, bf16 packs: plain 16-bit moves
+    const uint16_t* K = static_cast<const uint16_t*>(a.k) + kbase;
+    const uint16_t* V = static_cast<const uint16_t*>(a.v) + vbase;
+    uint16_t* kp = reinterpret_cast<uint16_t*>(kdst);
+    uint16_t* vp = reinterpret_cast<uint16_t*>(vdst);
+    std::memset(kp, 0, size_t(c.kbytes));
+    std::memset(vp, 0, size_t(c.vbytes));
+    for (int64_t j = 0; j < Sk; ++j) {  // kp[j/16][d/2][j%16][d%2]
+      const uint16_t* kr = K + j * a.ks[2];
+      uint16_t* dst = kp + (j / 16) * Dp * 16 + (j % 16) * 2;
+      for (int64_t d = 0; d < D; ++d) dst[(d / 2) * 32 + (d % 2)] = kr[d];
+    }
+    for (int64_t j = 0; j < Sk; ++j) {  // vp[j/2][d][j%2]
+      const uint16_t* vr = V + j * a.vs[2];
+      uint16_t* dst = vp + (j / 2) * D16 * 2 + (j % 2);
+      for (int64_t d = 0; d < D; ++d) dst[d * 2] = vr[d];
+    }
+    return;
+  }
+  float* kp = reinterpret_cast<float*>(kdst);
+  float* vp = reinterpret_cast<float*>(vdst);
+  std::memset(kp, 0, size_t(c.kbytes));
+  std::memset(vp, 0, size_t(c.vbytes));
+  for (int64_t j = 0; j < Sk; ++j) {  // kp[j/16][d][j%16]
+    const int64_t ko = kbase + j * a.ks[2];
+    float* dst = kp + (j / 16) * D * 16 + (j % 16);
+    for (int64_t d = 0; d < D; ++d) dst[d * 16] = attn_load(a.k, a.dt, ko + d);
+  }
+  for (int64_t j = 0; j < Sk; ++j) {  // vp[j][d]
+    const int64_t vo = vbase + j * a.vs[2];
+    for (int64_t d = 0; d < D; ++d) vp[j * D16 + d] = attn_load(a.v, a.dt, vo + d);
+  }
+}
+
+void attn_pack_range(void* p, int64_t b, int64_t e) {
+  const auto* c = static_cast<const AttnCtx*>(p);
+  for (int64_t t = b; t < e; ++t)
+    attn_pack_one(*c, t / c->a->Hkv, t % c->a->Hkv, c->kp + t * c->kbytes, c->vp + t * c->vbytes);
+}
+
+void attn_job_range(void* p, int64_t b, int64_t e) {
+  const auto* c = static_cast<const AttnCtx*>(p);
+  const AttentionArgs& a = *c->a;
+  const int64_t D16 = (a.D + 15) / 16 * 16;
+  const int64_t BQ = detail::kAttnBq, BC = detail::kAttnBc;
+  // Q | S | P | O | m, l, alpha (impl.h); +16 floats so the last masked loads stay inside
+  std::unique_ptr<float[]> scratch(new float[size_t(2 * BQ * D16 + 2 * BQ * BC + 3 * BQ + 16)]);
+  for (int64_t t = b; t < e; ++t) {
+    const int64_t bh = t / c->nqb, qb = t % c->nqb;
+    detail::AttnJob j{};
+    j.a = &a;
+    j.b = bh / a.Hq;
+    j.h = bh % a.Hq;
+    j.i0 = qb * BQ;
+    j.i1 = std::min<int64_t>(a.Sq, j.i0 + BQ);
+    const int64_t kv = j.b * a.Hkv + j.h / (a.Hq / a.Hkv);
+    j.kp = c->kp + kv * c->kbytes;
+    j.vp = c->vp + kv * c->vbytes;
+    j.scratch = scratch.get();
+    switch (c->path) {
+      case kAttnBf16: detail::attn_rows_avx512_bf16(j); break;
+      case kAttnF32: detail::attn_rows_avx512_f32(j); break;
+      case kAttnAvx2: detail::attn_rows_avx2(j); break;
+      default: detail::attn_rows_ref(j); break;
+    }
+  }
+}
+
 }  // namespace
 
 Isa detected_isa() { return cpu_info().detected; }
@@ -833,6 +934,42 @@ double int8_peak_gops(Isa isa, double seconds) {
     if (since(start) >= seconds) break;
   }
   return best;
+}
+
+
+void attention_fwd(Isa isa, const AttentionArgs& a, ParallelFor pf) {
+  if (a.B <= 0 || a.Hq <= 0 || a.Hkv <= 0 || a.Sq <= 0 || a.Sk <= 0 || a.D <= 0 || a.Hq % a.Hkv) return;
+  AttnCtx c{};
+  c.a = &a;
+  c.path = attn_path(isa, a.dt);
+  const int64_t D16 = (a.D + 15) / 16 * 16, Dp = (a.D + 1) / 2 * 2;
+  const int64_t S16 = (a.Sk + 15) / 16 * 16, S2 = (a.Sk + 1) / 2 * 2;
+  if (c.path == kAttnBf16) {
+    c.kbytes = S16 * Dp * 2;
+    c.vbytes = S2 * D16 * 2;
+  } else {
+    c.kbytes = S16 * a.D * 4;
+    c.vbytes = a.Sk * D16 * 4;
+  }
+  c.kbytes = (c.kbytes + 63) / 64 * 64;  // each (b, kv head) on its own cache lines
+  c.vbytes = (c.vbytes + 63) / 64 * 64;
+  const int64_t nkv = a.B * a.Hkv;
+  std::unique_ptr<uint8_t[]> kp(new uint8_t[size_t(nkv * c.kbytes)]);
+  std::unique_ptr<uint8_t[]> vp(new uint8_t[size_t(nkv * c.vbytes)]);
+  c.kp = kp.get();
+  c.vp = vp.get();
+  c.nqb = (a.Sq + detail::kAttnBq - 1) / detail::kAttnBq;
+  run_pf(pf, nkv, 1, &c, attn_pack_range);
+  run_pf(pf, a.B * a.Hq * c.nqb, 1, &c, attn_job_range);
+}
+
+const char* attention_kernel_name(Isa isa, DType dt) {
+  switch (attn_path(isa, dt)) {
+    case kAttnBf16: return "avx512_bf16 (vdpbf16ps)";
+    case kAttnF32: return "avx512 (fp32 fma)";
+    case kAttnAvx2: return "avx2 (fp32, compiler-vectorised)";
+    default: return "ref (fp32, plain C++)";
+  }
 }
 
 }}  // namespace pysparse::cpu

@@ -135,4 +135,27 @@ void dense_f32_block_avx2(const Sparse24FArgs& a, const float* wd, int64_t m0, i
 // First row in [m0,m1) of x [*,K] (dt) holding a NaN/Inf, or -1.
 int64_t first_nonfinite_row_avx512(const void* x, DType dt, int64_t K, int64_t m0, int64_t m1);
 
+// ---------------------------------------------------------------- fused attention
+// attention.cpp packs K and V of each (b, kv head) once per call and hands
+// query blocks of at most kAttnBq rows to a per-ISA row kernel, which walks
+// the keys in blocks of kAttnBc. Packed forms (D16 = ceil(D/16)*16,
+// Dp = ceil(D/2)*2, zero padded):
+//   f32:  kp float [ceil(Sk/16)][D][16]       (16 keys per vector, per d)
+//         vp float [Sk][D16]
+//   bf16: kp uint16 [ceil(Sk/16)][Dp/2][16][2] (vdpbf16ps: key pairs of d)
+//         vp uint16 [ceil(Sk/2)][D16][2]      (vdpbf16ps: d x key pairs)
+enum { kAttnBq = 64, kAttnBc = 64 };
+struct AttnJob {
+  const AttentionArgs* a;
+  const void* kp;
+  const void* vp;
+  int64_t b, h, i0, i1;  // query rows [i0, i1) of head h of batch b
+  float* scratch;        // attn_scratch_floats(D) floats, 64-byte aligned
+};
+// Scratch (floats): Q [Bq][D16] | S [Bq][Bc] | P [Bq][Bc] | O [Bq][D16] | m, l, alpha [Bq]
+void attn_rows_ref(const AttnJob& j);          // f32 packs, plain C++
+void attn_rows_avx2(const AttnJob& j);         // f32 packs, the same C++ compiled for AVX2+FMA
+void attn_rows_avx512_f32(const AttnJob& j);   // f32 packs, AVX-512 FMA micro-kernels
+void attn_rows_avx512_bf16(const AttnJob& j);  // bf16 packs, vdpbf16ps micro-kernels
+
 }}}  // namespace pysparse::cpu::detail

@@ -169,4 +169,37 @@ int64_t sparse24_linear_packed(Isa isa, const void* x, DType dt, int64_t M, int6
 bool has_sparse_gather();
 bool has_avx512_bf16();
 
+// ---------------------------------------------------------------- fused attention
+// Flash-attention forward (blocked online softmax; the [Sq, Sk] score matrix
+// is never materialised, only one 64 x 64 block per thread):
+//   out[b,h,i,:] = sum_j softmax_j(q[b,h,i,:] . k[b,g,j,:] * scale + bias[b,h,i,j]) v[b,g,j,:]
+// with g = h / (Hq / Hkv) (grouped-query heads share k/v; Hq % Hkv == 0).
+// causal: key j is visible to query i iff j <= i + (Sk - Sq) (bottom-right
+// aligned). A query with no visible key (or only -inf bias) gives 0.
+// q, k, v: dtype dt (all the same), element strides of dims (b, h, s) in
+// qs/ks/vs, unit stride along D. bias: additive fp32 mask (a bool mask is
+// 0 / -inf) or null, element strides (b, h, i) in bs (0 = broadcast), unit
+// stride along keys. out: [B, Hq, Sq, D] contiguous of dt, not aliasing inputs.
+// Softmax and accumulation in fp32. bf16 inputs on a CPU with AVX512-BF16 run
+// both matmuls on vdpbf16ps (probabilities rounded to bf16 for the second);
+// every other case computes in fp32 (AVX-512 FMA, AVX2 or plain C++).
+// NaN in q/k/v propagates to the rows it reaches, as in the dense formula.
+// Any B, H, S, D >= 1. K and V are re-packed once per call (O(Sk*D) per kv head).
+struct AttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  DType dt;
+  int64_t B, Hq, Hkv, Sq, Sk, D;
+  int64_t qs[3], ks[3], vs[3];
+  const float* bias;
+  int64_t bs[3];
+  bool causal;
+  float scale;
+  void* out;
+};
+void attention_fwd(Isa isa, const AttentionArgs& a, ParallelFor pf);
+// Name of the kernel attention_fwd runs for (isa, dt), e.g. "avx512_bf16 (vdpbf16ps)".
+const char* attention_kernel_name(Isa isa, DType dt);
+
 }}  // namespace pysparse::cpu

@@ -208,4 +208,10 @@ int64_t peak_loop_ref(int64_t iters) {
   return iters * 8;
 }
 
+namespace {
+#include "attention_generic.inc"
+}  // namespace
+
+void attn_rows_ref(const AttnJob& j) { attn_rows_generic(j); }
+
 }}}  // namespace pysparse::cpu::detail

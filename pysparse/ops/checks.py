@@ -121,3 +121,28 @@ def finite_rows(op, amax):
         row = int(bad.reshape(-1).nonzero()[0])
         _fail(op, f"x contains NaN or Inf (first at token row {row}); int8 quantization of "
                   "non-finite activations is undefined")
+
+
+def attention(q, k, v, mask=None):
+    """Shapes of an attention call, (B, Hq, Hkv, Sq, Sk, D); the canonical errors of every backend."""
+    op = "attention"
+    tensor(op, "q", q, FLOAT_DTYPES, ndim=4)
+    tensor(op, "k", k, (q.dtype,), ndim=4, device=q.device)
+    tensor(op, "v", v, (q.dtype,), ndim=4, device=q.device)
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        _fail(op, f"k and v must be [B={B}, Hkv, Sk, D={D}] and equal, got {tuple(k.shape)} and "
+                  f"{tuple(v.shape)}")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        _fail(op, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if mask is not None:
+        tensor(op, "mask", mask, (torch.bool,) + FLOAT_DTYPES, device=q.device)
+        try:
+            torch.broadcast_shapes(mask.shape, (B, Hq, Sq, Sk))
+        except RuntimeError:
+            _fail(op, f"mask of shape {tuple(mask.shape)} does not broadcast to [B, Hq, Sq, Sk] = "
+                      f"{[B, Hq, Sq, Sk]}")
+        if mask.dim() > 4:
+            _fail(op, f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+    return B, Hq, Hkv, Sq, Sk, D

@@ -144,21 +144,14 @@ def attention(q, k, v, mask=None, causal=False, scale=None):
     uses kv head h // (Hq / Hkv)). mask: bool (True = attend) or additive float, broadcastable
     to [B, Hq, Sq, Sk]. causal: query i attends key j iff j <= i + (Sk - Sq) (bottom-right
     aligned, so decoding with a KV cache works; equals torch's top-left when Sq == Sk).
-    scale defaults to 1/sqrt(D). Rows with no key to attend give 0.
+    scale defaults to 1/sqrt(D). Rows with no key to attend (all masked, or only -inf bias)
+    give 0; a NaN in q, k or v gives NaN in the rows it reaches, as in the dense formula.
     """
-    op = "attention"
-    checks.tensor(op, "q", q, checks.FLOAT_DTYPES, ndim=4)
-    checks.tensor(op, "k", k, (q.dtype,), ndim=4, device=q.device)
-    checks.tensor(op, "v", v, (q.dtype,), ndim=4, device=q.device)
-    B, Hq, Sq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"pysparse.attention: k and v must be [B={B}, Hkv, Sk, D={D}] and "
-                         f"equal, got {tuple(k.shape)} and {tuple(v.shape)}")
-    Hkv, Sk = k.shape[1], k.shape[2]
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"pysparse.attention: q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    B, Hq, Hkv, Sq, Sk, D = checks.attention(q, k, v, mask)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    if Sk == 0:  # no key at all: every row is empty
+        return q.new_zeros(q.shape)
     rep = Hq // Hkv
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)
@@ -167,17 +160,11 @@ def attention(q, k, v, mask=None, causal=False, scale=None):
     if causal:
         keep = torch.ones_like(keep).tril(diagonal=Sk - Sq)
     if mask is not None:
-        checks.tensor(op, "mask", mask, (torch.bool,) + checks.FLOAT_DTYPES, device=q.device)
-        try:
-            torch.broadcast_shapes(mask.shape, (B, Hq, Sq, Sk))
-        except RuntimeError:
-            raise ValueError(f"pysparse.attention: mask of shape {tuple(mask.shape)} does not "
-                             f"broadcast to [B, Hq, Sq, Sk] = {[B, Hq, Sq, Sk]}") from None
         if mask.dtype == torch.bool:
             keep = keep & mask
         else:
             s = s + mask.float()
     s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # rows with nothing to attend: exp(-inf)/0
+    empty = s.amax(dim=-1, keepdim=True) == float("-inf")  # nothing to attend (NaN is not empty)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     return (p @ vf).to(q.dtype)

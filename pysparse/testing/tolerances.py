@@ -37,3 +37,9 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(20 * torch.log10(ref.norm() / noise))
+
+# fused attention (flash-attention habit): max |error| vs the fp32 reference at most this many
+# times PyTorch's own same-dtype scaled_dot_product_attention error, plus a floor per dtype
+# (for cases where torch happens to be almost exact, e.g. a single key)
+ATTENTION_VS_SDPA = 2.0
+ATTENTION_FLOOR = {torch.float32: 3e-6, torch.bfloat16: 2 ** -9, torch.float16: 2 ** -12}

@@ -5,6 +5,7 @@ extension is missing, when ``PYSPARSE_BACKEND=reference``, or for dtypes the ker
 (float16). ``sparse24_*`` on canonical weights pack per call; modules hold packed weights.
 """
 import importlib
+import math
 
 import torch
 
@@ -180,7 +181,35 @@ def sparse24_int8_linear_packed(x, w_values, w_codes, w_colsum, w_scale, bias=No
     return _unrows(y, x, N)
 
 
+def _attention_bias(mask, shape):
+    """mask (bool keep / additive, broadcastable) -> fp32 additive view of ``shape`` [B, Hq, Sq, Sk]
+    with unit stride along keys (0 = broadcast elsewhere): nothing of size Sq x Sk is made unless
+    the mask itself is that big."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    else:
+        bias = mask.float()
+    bias = bias.expand(shape)
+    if bias.stride(-1) != 1:  # broadcast (or strided) along keys: materialise that dim only
+        lead = [1 if st == 0 else n for n, st in zip(shape[:-1], bias.stride()[:-1])]
+        bias = bias[tuple(slice(0, n) for n in lead)].contiguous().expand(shape)
+    return bias
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None):
+    if (not native_ok(q) or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor)
+            or k.dtype != q.dtype or v.dtype != q.dtype or q.dim() != 4 or k.dim() != 4
+            or q.numel() == 0 or k.numel() == 0):
+        return reference.attention(q, k, v, mask, causal, scale)  # its checks give the errors
+    B, Hq, Hkv, Sq, Sk, D = checks.attention(q, k, v, mask)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    bias = _attention_bias(mask, (B, Hq, Sq, Sk))
+    return _C.attention(q, k, v, bias, bool(causal), 1.0 / math.sqrt(D) if scale is None else float(scale))
+
+
 def register():
-    for op in ("quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
+    for op in ("attention", "quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
                "sparse24_linear_packed", "sparse24_int8_linear", "sparse24_int8_linear_packed"):
         torch.library.impl(f"pysparse::{op}", "CPU", globals()[op])
