@@ -1,12 +1,13 @@
 """pysparse: make pretrained Transformer language models smaller and faster.
 
-Public API (stable): replace_linear, prune, summary. See DESIGN in docs/ARCHITECTURE.md.
+Public API (stable): replace_linear, replace_attention, prune, summary. See DESIGN in
+docs/ARCHITECTURE.md.
 """
 from . import ops as _ops  # noqa: F401  (defines torch.ops.pysparse.* and registers backends)
 from .prune import prune
-from .replace import Report, replace_linear
+from .replace import Report, replace_attention, replace_linear
 from .report import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["replace_linear", "prune", "summary", "Report", "__version__"]
+__all__ = ["replace_linear", "replace_attention", "prune", "summary", "Report", "__version__"]

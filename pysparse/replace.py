@@ -5,6 +5,7 @@ name and applies the include/exclude globs and ``filter_fn``; front-ends only de
 with each layer. A pattern matches a name when it matches the whole qualified name or a dotted
 suffix of it, so ``"lm_head"`` matches ``lm_head`` and ``model.lm_head``.
 """
+import inspect
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Callable, Iterable
@@ -145,3 +146,69 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
     for parent, attr, module in plan:  # all validated: now mutate
         setattr(parent, attr, cls.from_linear(module, backend=backend))
     return report
+
+
+def replace_attention(model: nn.Module) -> nn.Module:
+    """Run every attention layer of a transformers model on ``torch.ops.pysparse.attention``.
+
+    Registers pysparse's attention function and its compact-mask function with transformers
+    (``AttentionInterface`` / ``AttentionMaskInterface``, both under the name ``"pysparse"``;
+    idempotent) and switches ``model``, its sub-models and their configs to it with
+    ``model.set_attn_implementation("pysparse")``. Returns ``model`` (changed in place).
+
+    Supported: ``transformers.PreTrainedModel`` subclasses whose attention goes through the
+    AttentionInterface and that support sdpa (pysparse reads masks the way sdpa does), with a
+    transformers that has ``masking_utils.AttentionMaskInterface``. Anything else raises
+    TypeError / ValueError / ImportError before the model is touched. Calls the op cannot
+    serve (dropout, gradients, attention weights, unknown arguments) run transformers' sdpa or
+    eager code instead, with a warning once per reason (see ``pysparse.nn.attention``).
+    ``model.set_attn_implementation("sdpa")`` switches back.
+
+    It composes with ``replace_linear`` in either order: this pass changes only which attention
+    function the model calls, ``replace_linear`` only the linear modules.
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        raise ImportError("pysparse.replace_attention needs transformers") from None
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"pysparse.replace_attention: expected a transformers PreTrainedModel (a model whose "
+            f"attention layers call transformers' AttentionInterface, e.g. BERT, GPT-2, Llama), "
+            f"got {type(model).__name__}")
+    try:
+        from transformers.masking_utils import sdpa_mask
+
+        from .nn import attention as _attention
+        if "q_length" not in inspect.signature(sdpa_mask).parameters:
+            raise ImportError("masking_utils.sdpa_mask takes no q_length")
+    except ImportError as exc:
+        import transformers
+        raise ImportError(
+            f"pysparse.replace_attention needs a transformers with masking_utils' "
+            f"AttentionMaskInterface and sdpa_mask(q_length, q_offset, ...) (5.x); found "
+            f"transformers {transformers.__version__} ({exc})") from None
+
+    problems = []
+    for name, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        where = f"{type(sub).__name__}" + (f" ({name})" if name else "")
+        if not type(sub)._can_set_attn_implementation():
+            problems.append(f"{where} does not route its attention through transformers' "
+                            f"AttentionInterface")
+        elif not sub._supports_sdpa:
+            problems.append(f"{where} does not support sdpa attention, whose mask format "
+                            f"pysparse's attention follows")
+    if problems:
+        raise ValueError("pysparse.replace_attention: cannot switch this model: "
+                         + "; ".join(problems))
+
+    _attention.register()
+    model.set_attn_implementation(_attention.NAME)
+    left = [type(sub).__name__ for sub in model.modules() if isinstance(sub, PreTrainedModel)
+            and sub.config._attn_implementation != _attention.NAME]
+    if left:
+        raise RuntimeError(f"pysparse.replace_attention: {', '.join(left)} kept attention "
+                           f"implementation(s) other than {_attention.NAME!r}")
+    return model

@@ -99,3 +99,32 @@ torch.library.define(
 @torch.library.register_fake("pysparse::sparse24_int8_linear_packed")
 def _(x, w_values, w_codes, w_colsum, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+
+# Autograd for attention: the forward runs the fused kernel of the device (nothing of size
+# Sq x Sk is kept); the backward recomputes the reference with autograd from the saved inputs,
+# so gradients are those of softmax(q k^T * scale + mask) v exactly (a fused backward kernel is
+# future work: this one materialises the scores once per backward call).
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attention_backward(ctx, grad):
+    from . import reference
+    q, k, v, mask = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:4])
+    if mask is None or not mask.is_floating_point():
+        need[3] = False
+    with torch.enable_grad():
+        args = [t.detach().requires_grad_(n) if t is not None else None
+                for t, n in zip((q, k, v, mask), need)]
+        out = reference.attention(*args, ctx.causal, ctx.scale)
+        wrt = [a for a, n in zip(args, need) if n]
+        grads = iter(torch.autograd.grad(out, wrt, grad)) if wrt else iter(())
+    return tuple(next(grads) if n else None for n in need) + (None, None)
+
+
+torch.library.register_autograd("pysparse::attention", _attention_backward,
+                                setup_context=_attention_setup_context)
