@@ -5,8 +5,8 @@
 //
 // One job = up to kAttnBq query rows of one head. Per key block of kAttnBc
 // (64) keys:
-//   1. S = Q K^T: register tiles of R <= 6 query rows x NV <= 4 vectors of 16
-//      keys (24 accumulators). bf16: per pair of d one 32-bit broadcast of
+//   1. S = Q K^T: register tiles of R query rows x NV <= 4 vectors of 16
+//      keys, R * NV <= 24 accumulators (R <= 12). bf16: per pair of d one 32-bit broadcast of
 //      (q[d], q[d+1]) meets the packed key pairs (kp[..][d/2][16][2]) in
 //      vdpbf16ps; fp32: one broadcast q[d] per FMA with kp[..][d][16].
 //   2. Online softmax per row in fp32 (x = s*scale + bias; running max m and
@@ -35,7 +35,7 @@ namespace pysparse { namespace cpu { namespace detail {
 
 namespace {
 
-constexpr int BQ = kAttnBq, BC = kAttnBc, RMAX = 6;
+constexpr int BQ = kAttnBq, BC = kAttnBc;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^x for x <= 0 or NaN: x = n + f (|f| <= 1/2), 2^f by a degree-6 Taylor
@@ -174,16 +174,28 @@ void pv_f32(const float* P, const float* V, int64_t vrow, int64_t nk, float* O, 
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(O + r * ost + c * 16, acc[r][c]);
 }
 
-// Run F<R, NV> with the run-time R in [1, 6] and NV in [1, 4].
+// Run F<R, NV> with the run-time R in [1, 12] and NV in [1, 4], R * NV <= 24
+// (the accumulators of a tile; rows_for(NV) gives the largest R).
+constexpr int rows_for(int nv) { return nv <= 2 ? 12 : 6; }
+template <template <int, int> class F, int NV, int R, typename... A>
+void run_if(A... args) {
+  if constexpr (R * NV <= 24) F<R, NV>::run(args...);
+}
 template <template <int, int> class F, int NV, typename... A>
 void by_r(int r, A... args) {
   switch (r) {
-    case 1: F<1, NV>::run(args...); break;
-    case 2: F<2, NV>::run(args...); break;
-    case 3: F<3, NV>::run(args...); break;
-    case 4: F<4, NV>::run(args...); break;
-    case 5: F<5, NV>::run(args...); break;
-    default: F<6, NV>::run(args...); break;
+    case 1: run_if<F, NV, 1>(args...); break;
+    case 2: run_if<F, NV, 2>(args...); break;
+    case 3: run_if<F, NV, 3>(args...); break;
+    case 4: run_if<F, NV, 4>(args...); break;
+    case 5: run_if<F, NV, 5>(args...); break;
+    case 6: run_if<F, NV, 6>(args...); break;
+    case 7: run_if<F, NV, 7>(args...); break;
+    case 8: run_if<F, NV, 8>(args...); break;
+    case 9: run_if<F, NV, 9>(args...); break;
+    case 10: run_if<F, NV, 10>(args...); break;
+    case 11: run_if<F, NV, 11>(args...); break;
+    default: run_if<F, NV, 12>(args...); break;
   }
 }
 template <template <int, int> class F, typename... A>
@@ -291,8 +303,9 @@ void rows(const AttnJob& t) {
       rs = j0 - off - t.i0;
       rs = rs < 0 ? 0 : (rs > nr ? nr : rs);
     }
-    for (int64_t r = rs; r < nr; r += RMAX) {
-      const int rr = int(nr - r < RMAX ? nr - r : RMAX);
+    const int rq = rows_for(nv);
+    for (int64_t r = rs; r < nr; r += rq) {
+      const int rr = int(nr - r < rq ? nr - r : rq);
       if (BF16)
         by_r_nv<QkBf16>(rr, nv, Qh + r * Dp, Dp, static_cast<const uint16_t*>(t.kp) + (j0 / 16) * kblk, kblk,
                         Dp / 2, S + r * BC);
@@ -317,8 +330,9 @@ void rows(const AttnJob& t) {
     }
     for (int64_t d0 = 0; d0 < D16; d0 += 64) {
       const int dv = int((D16 - d0) / 16 < 4 ? (D16 - d0) / 16 : 4);
-      for (int64_t r = rs; r < nr; r += RMAX) {
-        const int rr = int(nr - r < RMAX ? nr - r : RMAX);
+      const int rv = rows_for(dv);
+      for (int64_t r = rs; r < nr; r += rv) {
+        const int rr = int(nr - r < rv ? nr - r : rv);
         if (BF16)
           by_r_nv<PvBf16>(rr, dv, Ph + r * BC, static_cast<const uint16_t*>(t.vp) + (j0 / 2) * D16 * 2 + d0 * 2,
                           D16 * 2, nk, O + r * D16 + d0, D16, alpha + r);
