@@ -1,4 +1,7 @@
 """Triton kernels (GPU), importable as ``pysparse.kernels``.
 
-Kernels land here with the GPU issue; importing this package never requires Triton.
+Importing this package never requires Triton; its modules do:
+
+* ``attention``: flash-attention forward, the CUDA kernel of ``pysparse::attention``
+  (registered by ``pysparse/ops/backends/triton.py``).
 """

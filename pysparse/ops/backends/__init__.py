@@ -2,7 +2,8 @@
 
 Every op has the pure-torch ``reference`` registered as its CompositeExplicitAutograd kernel, so
 it runs on any device; device backends register on top (``cpu`` = pysparse._C C++ kernels;
-``cuda`` / ``triton`` arrive with the GPU kernels). ``PYSPARSE_BACKEND=<name>`` forces one
+``triton`` = the Triton kernels in pysparse.kernels for CUDA tensors; ``cuda`` arrives with
+the CUDA C++ kernels). ``PYSPARSE_BACKEND=<name>`` forces one
 (``reference`` makes every op take the reference path; forcing a backend that cannot run raises).
 """
 import os
@@ -41,8 +42,8 @@ def availability() -> dict:
     has_cuda = torch.cuda.is_available()
     out["cuda"] = (False, "no CUDA kernels in this build (pysparse._C_cuda not built)"
                    if has_cuda else "torch has no CUDA device here")
-    out["triton"] = (False, "no Triton kernels registered yet" if has_cuda
-                     else "Triton kernels need a CUDA device")
+    from . import triton
+    out["triton"] = triton.status()
     out["reference"] = (True, "pure torch, any device")
     return out
 
@@ -71,6 +72,7 @@ def register_all() -> None:
     for op in OPS:
         torch.library.impl(f"pysparse::{op}", "CompositeExplicitAutograd",
                            getattr(reference, op))
-    from . import cpu
+    from . import cpu, triton
     cpu.register()
+    triton.register()  # a no-op when Triton is not importable
     _registered = True
