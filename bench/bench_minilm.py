@@ -2,6 +2,7 @@
 one process, on real text. Latency medians at (batch, seq) = (1,128), (8,128), (32,128), (1,512)
 and fidelity (mean cosine of sentence embeddings vs the fp32 model, and recall@10).
 
+Ours: w8a8, w8a8 + replace_attention (`attn`), 2:4+w8a8 on a magnitude-pruned copy (`sparse`).
 Peers (each skipped with a note when its package is missing): torch fp32 and bf16 eager,
 torch.ao quantize_dynamic (x86 engine), ONNX Runtime fp32 and dynamic int8
 (onnxruntime.quantization.quantize_dynamic), OpenVINO fp32 and int8 (NNCF post-training
@@ -113,11 +114,15 @@ def build_runners(base, tok, calib_texts, tmp, wanted, notes):
     ours = copy.deepcopy(base)
     pysparse.replace_linear(ours, "w8a8")
     runners["pysparse w8a8"] = TorchRunner(ours)
+    if "attn" in wanted:  # the fused attention kernel on top (transformers' default is sdpa)
+        runners["pysparse w8a8 + attention"] = TorchRunner(pysparse.replace_attention(copy.deepcopy(ours)))
     if "sparse" in wanted:  # one-shot magnitude 2:4 (fidelity is the pruning issue's business)
         sp = copy.deepcopy(base)
         pysparse.prune(sp, pattern="2:4")
         pysparse.replace_linear(sp, "2:4+w8a8")
         runners["pysparse 2:4+w8a8 (magnitude)"] = TorchRunner(sp)
+        if "attn" in wanted:
+            runners["pysparse 2:4+w8a8 + attention"] = TorchRunner(pysparse.replace_attention(copy.deepcopy(sp)))
     if "bf16" in wanted:
         runners["torch bf16"] = TorchRunner(copy.deepcopy(base).to(torch.bfloat16))
     if "ao" in wanted:
@@ -166,8 +171,9 @@ def build_runners(base, tok, calib_texts, tmp, wanted, notes):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer texts, shorter timing")
-    ap.add_argument("--peers", nargs="*", default=["sparse", "bf16", "ao", "ort", "ov"],
-                    help="sparse = our 2:4+w8a8 on a magnitude-pruned copy")
+    ap.add_argument("--peers", nargs="*", default=["attn", "sparse", "bf16", "ao", "ort", "ov"],
+                    help="attn = our w8a8 + replace_attention; sparse = our 2:4+w8a8 on a "
+                         "magnitude-pruned copy")
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell")
     ap.add_argument("--json")

@@ -344,7 +344,8 @@ pybind11::dict info() {
   d["sparse24"] = cpu::has_sparse_gather()
                       ? (cpu::has_avx512_bf16() ? "gather (vpermb+vpdpbusd, vpermw+vdpbf16ps)" : "gather (vpermb+vpdpbusd, fp32 fma)")
                       : "expand to dense per column block";
-  d["attention"] = cpu::attention_kernel_name(cpu::active_isa(), cpu::kBF16);
+  d["attention"] = std::string("bf16: ") + cpu::attention_kernel_name(cpu::active_isa(), cpu::kBF16) +
+                   "; fp32: " + cpu::attention_kernel_name(cpu::active_isa(), cpu::kF32);
 #ifdef _OPENMP
   d["parallel"] = true;  // at::parallel_for really forks (ATen's OpenMP backend is header-inline)
 #else

@@ -17,6 +17,7 @@ def _info(args):
         "cpu_features": native["features"] if native else "unknown (pysparse._C not loaded)",
         "isa_detected": native["detected_isa"] if native else None,
         "isa_active": native["active_isa"] if native else None,
+        "kernels": {k: native[k] for k in ("sparse24", "attention") if native and k in native},
         "forced_backend": forced(),
         "backends": {k: {"usable": ok, "why": why} for k, (ok, why) in availability().items()},
     }
@@ -34,6 +35,8 @@ def _info(args):
     print(f"CPU features: {info['cpu_features']}")
     print(f"CPU kernel ISA: {info['isa_active']} (detected: {info['isa_detected']}; cap with "
           "PYSPARSE_CPU_ISA=ref|avx2|avx512_vnni|amx)")
+    for name, what in info["kernels"].items():
+        print(f"  {name} kernel: {what}")
     if info["forced_backend"]:
         print(f"PYSPARSE_BACKEND forces: {info['forced_backend']}")
     for name, b in info["backends"].items():

@@ -4,7 +4,7 @@
 // threading are in dispatch.cpp; packed layouts in impl.h.
 //
 // One job = up to kAttnBq query rows of one head. Per key block of kAttnBc
-// (64) keys:
+// (128) keys:
 //   1. S = Q K^T: register tiles of R query rows x NV <= 4 vectors of 16
 //      keys, R * NV <= 24 accumulators (R <= 12). bf16: per pair of d one 32-bit broadcast of
 //      (q[d], q[d+1]) meets the packed key pairs (kp[..][d/2][16][2]) in
@@ -16,7 +16,7 @@
 //      bf16: a broadcast (p[j], p[j+1]) meets vp[j/2][d][2] in vdpbf16ps.
 // The work per score is 2*D multiply-adds in each matmul against ~15
 // instructions of softmax per 16 scores, so at D = 64 the two matmuls own
-// ~80% of the instructions; K and V blocks (8 KB each at D = 64) stay in L1
+// ~80% of the instructions; K and V blocks (16 KB each at D = 64) stay in L1/L2
 // across the row tiles of a job.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -292,9 +292,9 @@ void rows(const AttnJob& t) {
     l[r] = 0.0f;
   }
   const int64_t off = a.Sk - a.Sq;
-  const int64_t jend = a.causal ? (t.i1 + off < a.Sk ? t.i1 + off : a.Sk) : a.Sk;
+  const int64_t jend = t.j1;
   const int64_t kblk = BF16 ? Dp * 16 : D * 16;  // elements per 16-key vector of kp
-  for (int64_t j0 = 0; j0 < jend; j0 += BC) {
+  for (int64_t j0 = t.j0; j0 < jend; j0 += BC) {
     const int64_t nk = jend - j0 < BC ? jend - j0 : BC;
     const int nv = int((nk + 15) / 16);
     // causal: rows before this one see no key of the block; skip their matmuls
@@ -303,15 +303,17 @@ void rows(const AttnJob& t) {
       rs = j0 - off - t.i0;
       rs = rs < 0 ? 0 : (rs > nr ? nr : rs);
     }
-    const int rq = rows_for(nv);
-    for (int64_t r = rs; r < nr; r += rq) {
-      const int rr = int(nr - r < rq ? nr - r : rq);
-      if (BF16)
-        by_r_nv<QkBf16>(rr, nv, Qh + r * Dp, Dp, static_cast<const uint16_t*>(t.kp) + (j0 / 16) * kblk, kblk,
-                        Dp / 2, S + r * BC);
-      else
-        by_r_nv<QkF32>(rr, nv, Qf + r * D16, D16, static_cast<const float*>(t.kp) + (j0 / 16) * kblk, kblk, D,
-                       S + r * BC);
+    for (int c0 = 0; c0 < nv; c0 += 4) {  // 16-key vectors in groups of <= 4 per tile
+      const int nvc = nv - c0 < 4 ? nv - c0 : 4, rq = rows_for(nvc);
+      for (int64_t r = rs; r < nr; r += rq) {
+        const int rr = int(nr - r < rq ? nr - r : rq);
+        if (BF16)
+          by_r_nv<QkBf16>(rr, nvc, Qh + r * Dp, Dp, static_cast<const uint16_t*>(t.kp) + (j0 / 16 + c0) * kblk,
+                          kblk, Dp / 2, S + r * BC + c0 * 16);
+        else
+          by_r_nv<QkF32>(rr, nvc, Qf + r * D16, D16, static_cast<const float*>(t.kp) + (j0 / 16 + c0) * kblk,
+                         kblk, D, S + r * BC + c0 * 16);
+      }
     }
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t qi = t.i0 + r;

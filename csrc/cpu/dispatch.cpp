@@ -10,6 +10,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -661,6 +662,16 @@ void attn_job_range(void* p, int64_t b, int64_t e) {
     j.h = bh % a.Hq;
     j.i0 = qb * BQ;
     j.i1 = std::min<int64_t>(a.Sq, j.i0 + BQ);
+    // Keys no row of the job can see are not visited: past the causal limit of its last
+    // row, and a -inf key-padding margin (a bias constant over queries) at either end.
+    j.j0 = 0;
+    j.j1 = a.causal ? std::min<int64_t>(a.Sk, j.i1 + a.Sk - a.Sq) : a.Sk;
+    if (a.bias && a.bs[2] == 0) {
+      const float* row = a.bias + j.b * a.bs[0] + j.h * a.bs[1];
+      while (j.j1 > 0 && row[j.j1 - 1] == -INFINITY) --j.j1;
+      while (j.j0 < j.j1 && row[j.j0] == -INFINITY) ++j.j0;
+    }
+    j.j0 = j.j0 / 16 * 16;
     const int64_t kv = j.b * a.Hkv + j.h / (a.Hq / a.Hkv);
     j.kp = c->kp + kv * c->kbytes;
     j.vp = c->vp + kv * c->vbytes;

@@ -144,12 +144,14 @@ int64_t first_nonfinite_row_avx512(const void* x, DType dt, int64_t K, int64_t m
 //         vp float [Sk][D16]
 //   bf16: kp uint16 [ceil(Sk/16)][Dp/2][16][2] (vdpbf16ps: key pairs of d)
 //         vp uint16 [ceil(Sk/2)][D16][2]      (vdpbf16ps: d x key pairs)
-enum { kAttnBq = 64, kAttnBc = 64 };
+enum { kAttnBq = 64, kAttnBc = 128 };
 struct AttnJob {
   const AttentionArgs* a;
   const void* kp;
   const void* vp;
   int64_t b, h, i0, i1;  // query rows [i0, i1) of head h of batch b
+  int64_t j0, j1;        // keys to visit: j0 a multiple of 16; every key outside [j0, j1) is
+                         // masked for every row of the job (causal limit, -inf key padding)
   float* scratch;        // attn_scratch_floats(D) floats, 64-byte aligned
 };
 // Scratch (floats): Q [Bq][D16] | S [Bq][Bc] | P [Bq][Bc] | O [Bq][D16] | m, l, alpha [Bq]

@@ -171,7 +171,7 @@ bool has_avx512_bf16();
 
 // ---------------------------------------------------------------- fused attention
 // Flash-attention forward (blocked online softmax; the [Sq, Sk] score matrix
-// is never materialised, only one 64 x 64 block per thread):
+// is never materialised, only one 64 x 128 block per thread):
 //   out[b,h,i,:] = sum_j softmax_j(q[b,h,i,:] . k[b,g,j,:] * scale + bias[b,h,i,j]) v[b,g,j,:]
 // with g = h / (Hq / Hkv) (grouped-query heads share k/v; Hq % Hkv == 0).
 // causal: key j is visible to query i iff j <= i + (Sk - Sq) (bottom-right
@@ -183,7 +183,10 @@ bool has_avx512_bf16();
 // Softmax and accumulation in fp32. bf16 inputs on a CPU with AVX512-BF16 run
 // both matmuls on vdpbf16ps (probabilities rounded to bf16 for the second);
 // every other case computes in fp32 (AVX-512 FMA, AVX2 or plain C++).
-// NaN in q/k/v propagates to the rows it reaches, as in the dense formula.
+// NaN in q/k/v propagates to the rows it reaches, as in the dense formula,
+// except from keys that are masked for the whole job: beyond the causal limit
+// of its last row, or in a -inf margin at either end of a key-padding bias
+// (bs[2] == 0) are never read.
 // Any B, H, S, D >= 1. K and V are re-packed once per call (O(Sk*D) per kv head).
 struct AttentionArgs {
   const void* q;

@@ -85,11 +85,14 @@ def test_attention_sq_ne_sk(isa, dtype, Sq, Sk, causal):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_key_padding_and_additive_bias(isa, dtype, causal):
-    B, H, S, D = 3, 4, 77, 64
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_attention_key_padding_and_additive_bias(isa, dtype, causal, side):
+    """Key padding (the kernel skips the -inf margins) and full additive biases."""
+    B, H, S, D = 3, 4, 177, 64
     q, k, v = _inputs(B, H, 2, S, S, D, dtype)
-    lengths = torch.tensor([77, 40, 1])
-    keep = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    lengths = torch.tensor([177, 40, 1])
+    pos = torch.arange(S)[None, :] if side == "right" else S - 1 - torch.arange(S)[None, :]
+    keep = (pos < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
     bias = torch.zeros(B, 1, 1, S).masked_fill(~keep, float("-inf"))
     y = C.attention(q, k, v, bias.expand(B, H, S, S), causal, D ** -0.5, C.isa_id(isa))
     _check(y, q, k, v, keep, causal, keep_for_torch=keep)
@@ -158,3 +161,25 @@ def test_attention_thread_invariance():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(y1, C.attention(q, k, v, None, True, 0.125))
+
+
+def test_attention_memory_does_not_grow_with_seq_squared():
+    """S = 16384: the scores would be 1 GiB in fp32; the kernel's peak RSS growth stays small
+    (inputs + K/V packs + per-thread 64 x 64 blocks). Measured in a fresh process."""
+    import subprocess
+    import sys
+    code = (
+        "import resource, torch, pysparse, sys\n"
+        "from pysparse.testing import native_cpu\n"
+        "C = native_cpu()\n"
+        "q, k, v = (torch.randn(1, 1, 16384, 64).bfloat16() for _ in range(3))\n"
+        "C.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], None, False, 0.125)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "y = C.attention(q, k, v, None, True, 0.125)\n"
+        "grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "assert torch.isfinite(y.float()).all()\n"
+        "print(grow)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grow_mib = int(out.stdout.split()[-1]) / 1024
+    assert grow_mib < 128, f"peak RSS grew by {grow_mib:.0f} MiB for S=16384 (S^2 fp32 = 1024 MiB)"
