@@ -72,48 +72,48 @@ inline __m512i bcast32(const void* p) {
 template <int R, int NV>
 void qk_bf16(const uint16_t* Q, int64_t qst, const uint16_t* K, int64_t kblk, int64_t np, float* S) {
   __m512 acc[R][NV];
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t p = 0; p < np; ++p) {
     __m512i kv[NV];
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_si512(K + c * kblk + p * 32);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512i qb = bcast32(Q + r * qst + 2 * p);
-      #pragma GCC unroll 8
+      #pragma GCC unroll 16
       for (int c = 0; c < NV; ++c) dpbf16(acc[r][c], qb, kv[c]);
     }
   }
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(S + r * BC + c * 16, acc[r][c]);
 }
 
 template <int R, int NV>
 void qk_f32(const float* Q, int64_t qst, const float* K, int64_t kblk, int64_t D, float* S) {
   __m512 acc[R][NV];
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     __m512 kv[NV];
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(K + c * kblk + d * 16);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 qb = _mm512_set1_ps(Q[r * qst + d]);
-      #pragma GCC unroll 8
+      #pragma GCC unroll 16
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
     }
   }
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(S + r * BC + c * 16, acc[r][c]);
 }
 
@@ -124,53 +124,53 @@ template <int R, int NV>
 void pv_bf16(const uint16_t* P, const uint16_t* V, int64_t vpair, int64_t nk, float* O, int64_t ost,
              const float* alpha) {
   __m512 acc[R][NV];
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const __m512 al = _mm512_set1_ps(alpha[r]);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(O + r * ost + c * 16));
   }
   const int64_t npair = (nk + 1) / 2;
   for (int64_t p = 0; p < npair; ++p) {
     __m512i vv[NV];
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_si512(V + p * vpair + c * 32);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512i pb = bcast32(P + r * BC + 2 * p);
-      #pragma GCC unroll 8
+      #pragma GCC unroll 16
       for (int c = 0; c < NV; ++c) dpbf16(acc[r][c], pb, vv[c]);
     }
   }
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(O + r * ost + c * 16, acc[r][c]);
 }
 
 template <int R, int NV>
 void pv_f32(const float* P, const float* V, int64_t vrow, int64_t nk, float* O, int64_t ost, const float* alpha) {
   __m512 acc[R][NV];
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const __m512 al = _mm512_set1_ps(alpha[r]);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(O + r * ost + c * 16));
   }
   for (int64_t j = 0; j < nk; ++j) {
     __m512 vv[NV];
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(V + j * vrow + c * 16);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 pb = _mm512_set1_ps(P[r * BC + j]);
-      #pragma GCC unroll 8
+      #pragma GCC unroll 16
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
-  #pragma GCC unroll 8
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(O + r * ost + c * 16, acc[r][c]);
 }
 
@@ -339,7 +339,7 @@ void rows(const AttnJob& t) {
           by_r_nv<PvBf16>(rr, dv, Ph + r * BC, static_cast<const uint16_t*>(t.vp) + (j0 / 2) * D16 * 2 + d0 * 2,
                           D16 * 2, nk, O + r * D16 + d0, D16, alpha + r);
         else
-          by_r_nv<PvF32>(rr, dv, P + r * BC, static_cast<const float*>(t.vp) + j0 * D16 + d0, D16, nk,
+          by_r_nv<PvF32>(rr, dv, P + r * BC, static_cast<const float*>(t.vp) + j0 * t.vstride + d0, t.vstride, nk,
                          O + r * D16 + d0, D16, alpha + r);
       }
     }

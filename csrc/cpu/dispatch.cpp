@@ -589,6 +589,7 @@ struct AttnCtx {
   uint8_t* kp;
   uint8_t* vp;
   int64_t kbytes, vbytes;  // per (b, kv head)
+  bool v_direct;           // f32 form from fp32 V with D % 16 == 0: V is read in place
   int64_t nqb;             // query blocks per head
 };
 
@@ -612,8 +613,12 @@ void attn_pack_one(const AttnCtx& c, int64_t b, int64_t g, uint8_t* kdst, uint8_
     const uint16_t* V = static_cast<const uint16_t*>(a.v) + vbase;
     uint16_t* kp = reinterpret_cast<uint16_t*>(kdst);
     uint16_t* vp = reinterpret_cast<uint16_t*>(vdst);
-    std::memset(kp, 0, size_t(c.kbytes));
-    std::memset(vp, 0, size_t(c.vbytes));
+    // zero only what the loops below leave unwritten: the last partial 16-key block of K (all
+    // of K when D is odd: the pad d of every pair) and the pad d / odd last key of V
+    const int64_t kfull = (D % 2) ? 0 : (Sk / 16) * Dp * 16;
+    std::memset(kp + kfull, 0, size_t(c.kbytes) - size_t(kfull) * 2);
+    const int64_t vfull = (D % 16) ? 0 : (Sk / 2) * D16 * 2;
+    std::memset(vp + vfull, 0, size_t(c.vbytes) - size_t(vfull) * 2);
     for (int64_t j = 0; j < Sk; ++j) {  // kp[j/16][d/2][j%16][d%2]
       const uint16_t* kr = K + j * a.ks[2];
       uint16_t* dst = kp + (j / 16) * Dp * 16 + (j % 16) * 2;
@@ -627,14 +632,21 @@ void attn_pack_one(const AttnCtx& c, int64_t b, int64_t g, uint8_t* kdst, uint8_
     return;
   }
   float* kp = reinterpret_cast<float*>(kdst);
-  float* vp = reinterpret_cast<float*>(vdst);
-  std::memset(kp, 0, size_t(c.kbytes));
-  std::memset(vp, 0, size_t(c.vbytes));
+  const int64_t kfull = (Sk / 16) * D * 16;
+  std::memset(kp + kfull, 0, size_t(c.kbytes) - size_t(kfull) * 4);
   for (int64_t j = 0; j < Sk; ++j) {  // kp[j/16][d][j%16]
     const int64_t ko = kbase + j * a.ks[2];
     float* dst = kp + (j / 16) * D * 16 + (j % 16);
-    for (int64_t d = 0; d < D; ++d) dst[d * 16] = attn_load(a.k, a.dt, ko + d);
+    if (a.dt == kF32) {
+      const float* kr = static_cast<const float*>(a.k) + ko;
+      for (int64_t d = 0; d < D; ++d) dst[d * 16] = kr[d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d * 16] = attn_load(a.k, a.dt, ko + d);
+    }
   }
+  if (c.v_direct) return;  // the kernel reads V in place
+  float* vp = reinterpret_cast<float*>(vdst);
+  std::memset(vp, 0, size_t(c.vbytes));
   for (int64_t j = 0; j < Sk; ++j) {  // vp[j][d]
     const int64_t vo = vbase + j * a.vs[2];
     for (int64_t d = 0; d < D; ++d) vp[j * D16 + d] = attn_load(a.v, a.dt, vo + d);
@@ -674,7 +686,13 @@ void attn_job_range(void* p, int64_t b, int64_t e) {
     j.j0 = j.j0 / 16 * 16;
     const int64_t kv = j.b * a.Hkv + j.h / (a.Hq / a.Hkv);
     j.kp = c->kp + kv * c->kbytes;
-    j.vp = c->vp + kv * c->vbytes;
+    if (c->v_direct) {
+      j.vp = static_cast<const float*>(a.v) + j.b * a.vs[0] + (j.h / (a.Hq / a.Hkv)) * a.vs[1];
+      j.vstride = a.vs[2];
+    } else {
+      j.vp = c->vp + kv * c->vbytes;
+      j.vstride = (a.D + 15) / 16 * 16;
+    }
     j.scratch = scratch.get();
     switch (c->path) {
       case kAttnBf16: detail::attn_rows_avx512_bf16(j); break;
@@ -960,7 +978,8 @@ void attention_fwd(Isa isa, const AttentionArgs& a, ParallelFor pf) {
     c.vbytes = S2 * D16 * 2;
   } else {
     c.kbytes = S16 * a.D * 4;
-    c.vbytes = a.Sk * D16 * 4;
+    c.v_direct = a.dt == kF32 && a.D % 16 == 0;
+    c.vbytes = c.v_direct ? 0 : a.Sk * D16 * 4;
   }
   c.kbytes = (c.kbytes + 63) / 64 * 64;  // each (b, kv head) on its own cache lines
   c.vbytes = (c.vbytes + 63) / 64 * 64;

@@ -141,7 +141,7 @@ int64_t first_nonfinite_row_avx512(const void* x, DType dt, int64_t K, int64_t m
 // the keys in blocks of kAttnBc. Packed forms (D16 = ceil(D/16)*16,
 // Dp = ceil(D/2)*2, zero padded):
 //   f32:  kp float [ceil(Sk/16)][D][16]       (16 keys per vector, per d)
-//         vp float [Sk][D16]
+//         vp float [Sk][D16] (or fp32 V itself, rows vstride apart, when D % 16 == 0)
 //   bf16: kp uint16 [ceil(Sk/16)][Dp/2][16][2] (vdpbf16ps: key pairs of d)
 //         vp uint16 [ceil(Sk/2)][D16][2]      (vdpbf16ps: d x key pairs)
 enum { kAttnBq = 64, kAttnBc = 128 };
@@ -152,7 +152,9 @@ struct AttnJob {
   int64_t b, h, i0, i1;  // query rows [i0, i1) of head h of batch b
   int64_t j0, j1;        // keys to visit: j0 a multiple of 16; every key outside [j0, j1) is
                          // masked for every row of the job (causal limit, -inf key padding)
-  float* scratch;        // attn_scratch_floats(D) floats, 64-byte aligned
+  int64_t vstride;       // f32 form: elements between the rows of vp (D16 when packed; the
+                         // input's own row stride when fp32 V with D % 16 == 0 is read in place)
+  float* scratch;        // see below
 };
 // Scratch (floats): Q [Bq][D16] | S [Bq][Bc] | P [Bq][Bc] | O [Bq][D16] | m, l, alpha [Bq]
 void attn_rows_ref(const AttnJob& j);          // f32 packs, plain C++

@@ -188,7 +188,7 @@ def _attention_bias(mask, shape):
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        bias = torch.where(mask, 0.0, float("-inf")).float()
     else:
         bias = mask.float()
     bias = bias.expand(shape)
