@@ -54,7 +54,7 @@ def _full_batch(tok, texts, b, s):
     for _ in range(b):
         cur = texts[i % len(texts)]
         i += 1
-        while len(tok(cur)["input_ids"]) < s:
+        while len(tok(cur, verbose=False)["input_ids"]) < s:
             cur += " " + texts[i % len(texts)]
             i += 1
         rows.append(cur)

@@ -14,19 +14,28 @@ import torch
 from .. import reference
 from . import forced
 
-try:
-    _triton = importlib.import_module("triton")
-    _IMPORT_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure means: no Triton kernels
-    _triton = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+_triton = None  # imported on first use (importing triton costs ~0.25 s; CPU-only users never pay)
+_IMPORT_ERROR = None
+_tried = False
+
+
+def _load():
+    """The triton module, or None (then _IMPORT_ERROR says why)."""
+    global _triton, _IMPORT_ERROR, _tried
+    if not _tried:
+        _tried = True
+        try:
+            _triton = importlib.import_module("triton")
+        except Exception as exc:  # noqa: BLE001 - any import failure means: no Triton kernels
+            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    return _triton
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA and the tile configs assume Ampere or newer
 
 
 def status():
     """(usable, reason) of the Triton backend in this process."""
-    if _triton is None:
+    if _load() is None:
         return False, (f"triton is not importable ({_IMPORT_ERROR}); install it with "
                        "`pip install pysparse[gpu]`")
     if _IMPORT_ERROR is not None:
@@ -67,7 +76,7 @@ def register() -> bool:
     global _registered, _IMPORT_ERROR
     if _registered:
         return True
-    if _triton is None:
+    if _load() is None:
         return False
     try:
         from ...kernels import attention as _attn
