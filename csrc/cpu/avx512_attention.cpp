@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "impl.h"
 #include "avx512_common.h"
@@ -67,111 +68,53 @@ inline __m512i bcast32(const void* p) {
   return _mm512_set1_epi32(v);
 }
 
-// S[r][0..16*NV) = Q[r] . K^T for R rows. bf16: Q uint16 [..][qst], K the
-// packed block (kblk uint16 between 16-key vectors), np = Dp/2 pairs.
-template <int R, int NV>
-void qk_bf16(const uint16_t* Q, int64_t qst, const uint16_t* K, int64_t kblk, int64_t np, float* S) {
-  __m512 acc[R][NV];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
-    __m512i kv[NV];
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_si512(K + c * kblk + p * 32);
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512i qb = bcast32(Q + r * qst + 2 * p);
-      #pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) dpbf16(acc[r][c], qb, kv[c]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(S + r * BC + c * 16, acc[r][c]);
-}
-
-template <int R, int NV>
-void qk_f32(const float* Q, int64_t qst, const float* K, int64_t kblk, int64_t D, float* S) {
-  __m512 acc[R][NV];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 kv[NV];
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(K + c * kblk + d * 16);
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512 qb = _mm512_set1_ps(Q[r * qst + d]);
-      #pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(S + r * BC + c * 16, acc[r][c]);
-}
-
-// O[r][0..16*NV) = alpha[r] * O[r] + P[r] V for R rows over nk keys.
-// bf16: P uint16 [..][BC] (zero past nk, so a half pair is harmless),
-// V = vp at this key block and d offset (vpair uint16 per key pair).
-template <int R, int NV>
-void pv_bf16(const uint16_t* P, const uint16_t* V, int64_t vpair, int64_t nk, float* O, int64_t ost,
-             const float* alpha) {
+// The one register-tile micro-kernel behind both matmuls:
+//   C[r][16c .. 16c+16) = init + sum over steps s of  bcast(A[r], s) * B[c, s]
+// for R rows and NV vectors of 16 columns, R * NV accumulators held in zmm.
+//   fp32 (BF16 = false): bcast = A[r * ars + s] as 16 copies, one FMA per (r, c, s);
+//   bf16: bcast = the pair A[r * ars + 2s], A[r * ars + 2s + 1] as 16 copies, one
+//         vdpbf16ps per (r, c, s) (B vectors hold [16][2] pairs).
+// B[c, s] is the 64-byte vector at B + c * bvec + s * bstep (elements of B's type).
+// init = 0 (alpha == null) or alpha[r] * C[r] (the online-softmax rescale of O).
+//   S = Q K^T:  A = Q rows, B = a packed K block (bvec = one 16-key vector, bstep = one d
+//               or d pair), steps over D;  C = S.
+//   O += P V:   A = P rows, B = V at this key block (bvec = 16 output dims, bstep = one key
+//               or key pair), steps over the block's keys;  C = O.
+template <int R, int NV, bool BF16>
+void tile(const void* A, int64_t ars, const void* B, int64_t bvec, int64_t bstep, int64_t steps, float* C,
+          int64_t crs, const float* alpha) {
+  typedef typename std::conditional<BF16, uint16_t, float>::type T;
+  const T* a = static_cast<const T*>(A);
+  const T* b = static_cast<const T*>(B);
   __m512 acc[R][NV];
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    const __m512 al = _mm512_set1_ps(alpha[r]);
+    const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 0.0f);
     #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(O + r * ost + c * 16));
+    for (int c = 0; c < NV; ++c)
+      acc[r][c] = alpha ? _mm512_mul_ps(al, _mm512_loadu_ps(C + r * crs + c * 16)) : _mm512_setzero_ps();
   }
-  const int64_t npair = (nk + 1) / 2;
-  for (int64_t p = 0; p < npair; ++p) {
-    __m512i vv[NV];
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512 bv[NV];
     #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_si512(V + p * vpair + c * 32);
+    for (int c = 0; c < NV; ++c) bv[c] = _mm512_loadu_ps(b + c * bvec + s * bstep);
     #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m512i pb = bcast32(P + r * BC + 2 * p);
-      #pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) dpbf16(acc[r][c], pb, vv[c]);
+      if constexpr (BF16) {
+        const __m512i ab = bcast32(a + r * ars + 2 * s);
+        #pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) dpbf16(acc[r][c], ab, _mm512_castps_si512(bv[c]));
+      } else {
+        const __m512 ab = _mm512_set1_ps(a[r * ars + s]);
+        #pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(ab, bv[c], acc[r][c]);
+      }
     }
   }
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(O + r * ost + c * 16, acc[r][c]);
-}
-
-template <int R, int NV>
-void pv_f32(const float* P, const float* V, int64_t vrow, int64_t nk, float* O, int64_t ost, const float* alpha) {
-  __m512 acc[R][NV];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    const __m512 al = _mm512_set1_ps(alpha[r]);
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(O + r * ost + c * 16));
-  }
-  for (int64_t j = 0; j < nk; ++j) {
-    __m512 vv[NV];
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(V + j * vrow + c * 16);
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(P[r * BC + j]);
-      #pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(O + r * ost + c * 16, acc[r][c]);
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(C + r * crs + c * 16, acc[r][c]);
 }
 
 // Run F<R, NV> with the run-time R in [1, 12] and NV in [1, 4], R * NV <= 24
@@ -207,10 +150,8 @@ void by_r_nv(int r, int nv, A... args) {
     default: by_r<F, 4>(r, args...); break;
   }
 }
-template <int R, int NV> struct QkBf16 { template <typename... A> static void run(A... a) { qk_bf16<R, NV>(a...); } };
-template <int R, int NV> struct QkF32 { template <typename... A> static void run(A... a) { qk_f32<R, NV>(a...); } };
-template <int R, int NV> struct PvBf16 { template <typename... A> static void run(A... a) { pv_bf16<R, NV>(a...); } };
-template <int R, int NV> struct PvF32 { template <typename... A> static void run(A... a) { pv_f32<R, NV>(a...); } };
+template <int R, int NV> struct TileBf16 { template <typename... A> static void run(A... a) { tile<R, NV, true>(a...); } };
+template <int R, int NV> struct TileF32 { template <typename... A> static void run(A... a) { tile<R, NV, false>(a...); } };
 
 // Online-softmax update of one row over one key block: s holds the raw
 // scores of keys [j0, j0+nk), of which the first nvalid are visible (the
@@ -307,12 +248,15 @@ void rows(const AttnJob& t) {
       const int nvc = nv - c0 < 4 ? nv - c0 : 4, rq = rows_for(nvc);
       for (int64_t r = rs; r < nr; r += rq) {
         const int rr = int(nr - r < rq ? nr - r : rq);
+        const float* none = nullptr;
         if (BF16)
-          by_r_nv<QkBf16>(rr, nvc, Qh + r * Dp, Dp, static_cast<const uint16_t*>(t.kp) + (j0 / 16 + c0) * kblk,
-                          kblk, Dp / 2, S + r * BC + c0 * 16);
+          by_r_nv<TileBf16>(rr, nvc, static_cast<const void*>(Qh + r * Dp), Dp,
+                            static_cast<const void*>(static_cast<const uint16_t*>(t.kp) + (j0 / 16 + c0) * kblk),
+                            kblk, int64_t(32), Dp / 2, S + r * BC + c0 * 16, int64_t(BC), none);
         else
-          by_r_nv<QkF32>(rr, nvc, Qf + r * D16, D16, static_cast<const float*>(t.kp) + (j0 / 16 + c0) * kblk,
-                         kblk, D, S + r * BC + c0 * 16);
+          by_r_nv<TileF32>(rr, nvc, static_cast<const void*>(Qf + r * D16), D16,
+                           static_cast<const void*>(static_cast<const float*>(t.kp) + (j0 / 16 + c0) * kblk),
+                           kblk, int64_t(16), D, S + r * BC + c0 * 16, int64_t(BC), none);
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -335,12 +279,15 @@ void rows(const AttnJob& t) {
       const int rv = rows_for(dv);
       for (int64_t r = rs; r < nr; r += rv) {
         const int rr = int(nr - r < rv ? nr - r : rv);
-        if (BF16)
-          by_r_nv<PvBf16>(rr, dv, Ph + r * BC, static_cast<const uint16_t*>(t.vp) + (j0 / 2) * D16 * 2 + d0 * 2,
-                          D16 * 2, nk, O + r * D16 + d0, D16, alpha + r);
+        if (BF16)  // bf16 P: key pairs; a half pair past nk meets p = 0
+          by_r_nv<TileBf16>(rr, dv, static_cast<const void*>(Ph + r * BC), int64_t(BC),
+                            static_cast<const void*>(static_cast<const uint16_t*>(t.vp) + (j0 / 2) * D16 * 2 + d0 * 2),
+                            int64_t(32), D16 * 2, (nk + 1) / 2, O + r * D16 + d0, D16,
+                            static_cast<const float*>(alpha + r));
         else
-          by_r_nv<PvF32>(rr, dv, P + r * BC, static_cast<const float*>(t.vp) + j0 * t.vstride + d0, t.vstride, nk,
-                         O + r * D16 + d0, D16, alpha + r);
+          by_r_nv<TileF32>(rr, dv, static_cast<const void*>(P + r * BC), int64_t(BC),
+                           static_cast<const void*>(static_cast<const float*>(t.vp) + j0 * t.vstride + d0),
+                           int64_t(16), t.vstride, nk, O + r * D16 + d0, D16, static_cast<const float*>(alpha + r));
       }
     }
   }
