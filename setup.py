@@ -58,7 +58,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["pysparse", "pysparse.ops", "pysparse.ops.backends", "pysparse.formats",
-              "pysparse.nn", "pysparse.prune", "pysparse.testing", "pysparse.data",
+              "pysparse.nn", "pysparse.prune", "pysparse.quant", "pysparse.testing", "pysparse.data",
               "pysparse.kernels"],
     package_dir={"pysparse.kernels": "kernels"},
     ext_modules=ext_modules,
