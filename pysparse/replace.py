@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from .formats import sparse24 as _sp24
-from .nn.linear import SCHEMES
+from .nn.linear import SCHEMES, STATIC_SCHEMES
 from .ops.backends import check_usable
+from .quant import int4 as _int4
+from .quant import state as _qstate
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -105,11 +107,18 @@ def _shape(module):
 
 def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
                    exclude: Iterable[str] | str | None = ("lm_head",),
-                   filter_fn: Callable | None = None, backend: str | None = None) -> Report:
+                   filter_fn: Callable | None = None, backend: str | None = None,
+                   activation: str = "dynamic", **options) -> Report:
     """Swap every selected nn.Linear / Conv1D of ``model`` (in place) for a packed module.
 
     scheme: "w8a8" (int8 weight per channel x int8 activation per token), "2:4" (2:4 sparse,
-    the layer's float dtype) or "2:4+w8a8". include/exclude: glob patterns on qualified names;
+    the layer's float dtype), "2:4+w8a8", "w8" (weight-only int8 per channel) or "w4"
+    (weight-only int4 group-wise; options ``group_size=128``, ``symmetric=True``,
+    ``method="minmax"|"mse"``; layers whose in_features is not a multiple of group_size are
+    skipped with the reason).
+    activation: "dynamic" (per-token scales at run time, the default) or "static" (scheme
+    "w8a8" only: one per-tensor scale per layer recorded by ``pysparse.calibrate``; a layer
+    without one raises). include/exclude: glob patterns on qualified names;
     filter_fn(module, name) -> bool. backend: None (auto), "cpu" or "reference".
     Returns a Report listing every linear layer as replaced or skipped (with the reason).
     Validates every selected layer before changing any, so an error leaves the model untouched.
@@ -117,8 +126,26 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
     if scheme not in SCHEMES:
         raise ValueError(f"pysparse.replace_linear: unknown scheme {scheme!r}; choose one of "
                          f"{', '.join(map(repr, SCHEMES))}")
-    cls = SCHEMES[scheme]
-    report = Report(f"replace_linear(scheme={scheme!r})")
+    if activation not in ("dynamic", "static"):
+        raise ValueError(f"pysparse.replace_linear: activation must be 'dynamic' or 'static', "
+                         f"got {activation!r}")
+    if activation == "static" and scheme not in STATIC_SCHEMES:
+        raise ValueError(f"pysparse.replace_linear: activation='static' is implemented for "
+                         f"scheme(s) {', '.join(map(repr, STATIC_SCHEMES))}, not {scheme!r}")
+    cls = STATIC_SCHEMES[scheme] if activation == "static" else SCHEMES[scheme]
+    allowed = getattr(cls, "OPTIONS", ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"pysparse.replace_linear: scheme {scheme!r} takes "
+                        + (f"the options {', '.join(allowed)}" if allowed else "no options")
+                        + f", got {', '.join(unknown)}")
+    if options:
+        cls.check_options(**options)
+    group = options.get("group_size", _int4.DEFAULT_GROUP_SIZE)
+    report = Report(f"replace_linear(scheme={scheme!r}"
+                    + (", activation='static'" if activation == "static" else "")
+                    + "".join(f", {k}={v!r}" for k, v in sorted(options.items())) + ")")
+    uncalibrated = []
     plan = []
     for name, parent, attr, module, reason in linear_layers(model, include, exclude, filter_fn):
         shape = _shape(module)
@@ -136,6 +163,11 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
                     f"pysparse.replace_linear: layer {name!r} is not 2:4 sparse, so scheme "
                     f"{scheme!r} cannot pack it; prune it first with "
                     f'pysparse.prune(model, pattern="2:4") (or exclude the layer)')
+        if reason is None and scheme == "w4" and shape[1] % group:
+            reason = (f"in_features={shape[1]} is not a multiple of group_size={group} (int4 "
+                      f"groups along K)")
+        if reason is None and activation == "static" and _qstate.input_scale(module) is None:
+            uncalibrated.append(name)
         if reason is None:
             check_usable(backend, module.weight.device)
             plan.append((parent, attr, module))
@@ -143,8 +175,14 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
                                              f"{cls.__name__}", shape))
         else:
             report.layers.append(LayerResult(name, "skipped", reason, shape))
+    if uncalibrated:
+        more = f" and {len(uncalibrated) - 3} more" if len(uncalibrated) > 3 else ""
+        raise ValueError(f"pysparse.replace_linear: activation='static' needs a calibrated "
+                         f"activation scale, and layer(s) {', '.join(map(repr, uncalibrated[:3]))}"
+                         f"{more} have none; call pysparse.calibrate(model, calib, tokenizer=...) "
+                         f"first (after pysparse.smooth, which clears the scales it invalidates)")
     for parent, attr, module in plan:  # all validated: now mutate
-        setattr(parent, attr, cls.from_linear(module, backend=backend))
+        setattr(parent, attr, cls.from_linear(module, backend=backend, **options))
     return report
 
 

@@ -11,6 +11,8 @@ from torch import nn
 from ..formats import int8 as _int8
 from ..formats import sparse24 as _sp24
 from ..ops import reference
+from ..quant import int4 as _int4
+from ..quant import state as _qstate
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -69,16 +71,40 @@ def default_layout(backend, device) -> str:
     return "canonical"
 
 
-class Int8Linear(_PackedLinear):
+def _set_multiplier(out, module, device):
+    """The SmoothQuant multiplier 1/s of a layer smoothed without an exact fold (quant.state)."""
+    m = _qstate.input_multiplier(module, device)
+    out.register_buffer("input_multiplier", None if m is None else m.float().contiguous())
+
+
+def _apply_multiplier(x, m):
+    return x if m is None else (x * m).to(x.dtype)
+
+
+class _MultiplierStateDict:
+    """Lets a module built without a SmoothQuant multiplier load a state_dict that has one."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "input_multiplier" in state_dict and self.input_multiplier is None:
+            self.input_multiplier = torch.ones(self.in_features, device=self.weight_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Int8Linear(_MultiplierStateDict, _PackedLinear):
     """W8A8: int8 weight per output channel, activations int8 per token at run time.
 
     layout "canonical" holds ``weight_q`` int8 [N, K]; layout "vnni16" (the default where the CPU
     kernels run) holds ``weight_packed`` / ``weight_colsum`` as formats.int8.pack_vnni16 makes
     them, packed once here so forward streams them as they are.
+
+    ``input_multiplier`` (fp32 [K] or None): set when the source layer carries a pending
+    SmoothQuant vector s (``pysparse.smooth`` on a layer it could not fold, see quant.state):
+    the weight quantized is ``W * s`` and forward multiplies x by ``1 / s`` before quantizing.
     """
 
     scheme = "w8a8"
     LAYOUTS = ("canonical", "vnni16")
+    _fp32_buffers = ("weight_scale", "bias", "input_multiplier")
 
     def __init__(self, in_features, out_features, bias=True, backend=None, layout="canonical"):
         super().__init__(in_features, out_features, backend)
@@ -97,21 +123,24 @@ class Int8Linear(_PackedLinear):
             self.register_buffer("weight_q", torch.zeros(N, K, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(N))
         self.register_buffer("bias", torch.zeros(N) if bias else None)
+        self.register_buffer("input_multiplier", None)
 
     @classmethod
     def from_linear(cls, module, backend=None, layout=None):
         w = linear_weight(module)
         layout = layout or default_layout(backend, w.device)
         out = cls(w.shape[1], w.shape[0], bias=False, backend=backend, layout=layout)
-        q, out.weight_scale = _int8.quantize_weight(w)
+        q, out.weight_scale = _int8.quantize_weight(_qstate.smoothed_weight(w, module))
         if layout == "vnni16":
             out.weight_packed, out.weight_colsum = _int8.pack_vnni16(q)
         else:
             out.weight_q = q
         out._set_bias(module)
+        _set_multiplier(out, module, w.device)
         return out.to(w.device)
 
     def forward(self, x):
+        x = _apply_multiplier(x, self.input_multiplier)
         if self.layout == "vnni16":
             return self._run("int8_linear_packed", x, self.weight_packed, self.weight_colsum,
                              self.weight_scale, self.bias)
@@ -269,10 +298,158 @@ class Sparse24Int8Linear(_Sparse24Base):
         return _sp24.decompress(_int8.dequantize_weight(values_q, self.weight_scale), meta)
 
 
+class StaticInt8Linear(_MultiplierStateDict, _PackedLinear):
+    """W8A8 with a *static* activation scale: int8 weight per output channel (as Int8Linear), the
+    input quantized per tensor with the fixed scale ``input_scale`` (fp32 []) that
+    ``pysparse.calibrate`` recorded, so there is no per-token amax pass; values beyond the
+    calibrated range saturate at ±127. Runs ``pysparse::int8_linear_static`` (reference backend
+    for now). Honours a pending SmoothQuant vector like Int8Linear (``input_multiplier``).
+    Built by ``replace_linear(model, "w8a8", activation="static")``.
+    """
+
+    scheme = "w8a8-static"
+    _fp32_buffers = ("weight_scale", "bias", "input_scale", "input_multiplier")
+
+    def __init__(self, in_features, out_features, bias=True, backend=None):
+        super().__init__(in_features, out_features, backend)
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_multiplier", None)
+
+    @classmethod
+    def from_linear(cls, module, backend=None):
+        scale = _qstate.input_scale(module)
+        if scale is None:
+            raise ValueError("pysparse.StaticInt8Linear: the layer has no calibrated activation "
+                             "scale; call pysparse.calibrate(model, calib, tokenizer=...) first")
+        w = linear_weight(module)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
+        out.weight_q, out.weight_scale = _int8.quantize_weight(_qstate.smoothed_weight(w, module))
+        out.input_scale = torch.tensor(float(scale), dtype=torch.float32)
+        out._set_bias(module)
+        _set_multiplier(out, module, w.device)
+        return out.to(w.device)
+
+    def forward(self, x):
+        x = _apply_multiplier(x, self.input_multiplier)
+        return self._run("int8_linear_static", x, self.weight_q, self.weight_scale,
+                         self.input_scale, self.bias)
+
+    def int8_weight(self):
+        return self.weight_q
+
+    def dequantized_weight(self):
+        return _int8.dequantize_weight(self.weight_q, self.weight_scale)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", input_scale={float(self.input_scale):.4g}"
+
+
+class Int8WeightOnlyLinear(_PackedLinear):
+    """Weight-only int8 ("w8"): ``weight_q`` int8 [N, K] with per-output-channel symmetric
+    scales (formats.int8), float activations. forward dequantizes the weight (fp32, cast to x's
+    dtype) and calls F.linear in x's dtype: the reference path (a fused int8-weight kernel that
+    streams 1 byte per weight is a later issue). A pending SmoothQuant vector is not needed here
+    and is ignored (the float weight is quantized as it is)."""
+
+    scheme = "w8"
+
+    def __init__(self, in_features, out_features, bias=True, backend=None):
+        super().__init__(in_features, out_features, backend)
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, module, backend=None):
+        w = linear_weight(module)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
+        out.weight_q, out.weight_scale = _int8.quantize_weight(w)
+        out._set_bias(module)
+        return out.to(w.device)
+
+    def dequantized_weight(self):
+        return _int8.dequantize_weight(self.weight_q, self.weight_scale)
+
+    def forward(self, x):
+        w = self.dequantized_weight().to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else
+                                          self.bias.to(x.dtype))
+
+
+class Int4Linear(_PackedLinear):
+    """Weight-only int4, group-wise ("w4"): groups of ``group_size`` (default 128) along K, each
+    with an fp32 scale (and a uint8 zero point when ``symmetric=False``); codes packed two per
+    byte, ``weight_packed`` uint8 [N, K/2] (layout in quant.int4). K must be a multiple of
+    group_size (``replace_linear`` skips other layers with the reason; from_linear raises).
+    Options (``replace_linear(model, "w4", group_size=..., symmetric=..., method=...)``):
+    group_size (even, default 128), symmetric (default True), method "minmax" | "mse".
+    forward dequantizes (fp32, cast to x's dtype) and calls F.linear: the reference path."""
+
+    scheme = "w4"
+    OPTIONS = ("group_size", "symmetric", "method")
+
+    def __init__(self, in_features, out_features, bias=True, backend=None,
+                 group_size=_int4.DEFAULT_GROUP_SIZE, symmetric=True):
+        super().__init__(in_features, out_features, backend)
+        _int4.check_group_size(group_size, in_features, who="Int4Linear")
+        self.group_size, self.symmetric = int(group_size), bool(symmetric)
+        N, K, G = out_features, in_features, in_features // group_size
+        self.register_buffer("weight_packed", torch.zeros(N, K // 2, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(N, G))
+        self.register_buffer("weight_zero", None if symmetric else
+                             torch.zeros(N, G, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def check_options(cls, group_size=_int4.DEFAULT_GROUP_SIZE, symmetric=True,
+                      method="minmax"):
+        who = "replace_linear(scheme='w4')"
+        _int4.check_group_size(group_size, who=who)
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"pysparse.{who}: symmetric must be a bool, got {symmetric!r}")
+        if method not in ("minmax", "mse"):
+            raise ValueError(f"pysparse.{who}: method must be 'minmax' or 'mse', got {method!r}")
+
+    @classmethod
+    def from_linear(cls, module, backend=None, group_size=_int4.DEFAULT_GROUP_SIZE,
+                    symmetric=True, method="minmax"):
+        """method: each group's range, "minmax" or "mse" (the clipping with the least squared
+        error, quant.observers); it changes only the scales chosen, not the format."""
+        w = linear_weight(module)
+        out = cls(w.shape[1], w.shape[0], bias=False, backend=backend, group_size=group_size,
+                  symmetric=symmetric)
+        out.weight_packed, out.weight_scale, out.weight_zero = _int4.quantize_weight(
+            w, group_size, symmetric, method)
+        out._set_bias(module)
+        return out.to(w.device)
+
+    def dequantized_weight(self):
+        return _int4.dequantize_weight(self.weight_packed, self.weight_scale, self.weight_zero,
+                                       self.group_size)
+
+    def forward(self, x):
+        w = self.dequantized_weight().to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else
+                                          self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", group_size={self.group_size}, "
+                f"symmetric={self.symmetric}")
+
+
 SCHEMES = {
     "w8a8": Int8Linear,
     "2:4": Sparse24Linear,
     "2:4+w8a8": Sparse24Int8Linear,
+    "w8": Int8WeightOnlyLinear,
+    "w4": Int4Linear,
 }
 
-__all__ = ["Int8Linear", "Sparse24Linear", "Sparse24Int8Linear", "SCHEMES", "linear_weight"]
+# replace_linear(scheme, activation="static"): the scheme's static-activation module
+STATIC_SCHEMES = {"w8a8": StaticInt8Linear}
+
+__all__ = ["Int8Linear", "Sparse24Linear", "Sparse24Int8Linear", "StaticInt8Linear",
+           "Int8WeightOnlyLinear", "Int4Linear", "SCHEMES", "STATIC_SCHEMES", "linear_weight"]

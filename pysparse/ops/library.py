@@ -8,7 +8,8 @@ import torch
 
 NAMESPACE = "pysparse"
 OPS = ("quantize_per_token", "int8_linear", "int8_linear_packed", "sparse24_linear",
-       "sparse24_linear_packed", "sparse24_int8_linear", "sparse24_int8_linear_packed", "attention")
+       "sparse24_linear_packed", "sparse24_int8_linear", "sparse24_int8_linear_packed", "attention",
+       "int8_linear_static")
 
 # x [..., K] float -> q int8 [..., K], scale fp32 [...]:  x ≈ q * scale[..., None]
 torch.library.define("pysparse::quantize_per_token", "(Tensor x) -> (Tensor, Tensor)")
@@ -128,3 +129,15 @@ def _attention_backward(ctx, grad):
 
 torch.library.register_autograd("pysparse::attention", _attention_backward,
                                 setup_context=_attention_setup_context)
+
+
+# W8A8 with a *static* activation scale (pysparse.calibrate): x [..., K] fp32/bf16/fp16, w_q int8
+# [N, K], w_scale fp32 [N], x_scale fp32 with one element (per-tensor), bias [N] -> [..., N]
+torch.library.define(
+    "pysparse::int8_linear_static",
+    "(Tensor x, Tensor w_q, Tensor w_scale, Tensor x_scale, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("pysparse::int8_linear_static")
+def _(x, w_q, w_scale, x_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))

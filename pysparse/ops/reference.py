@@ -168,3 +168,33 @@ def attention(q, k, v, mask=None, causal=False, scale=None):
     empty = s.amax(dim=-1, keepdim=True) == float("-inf")  # nothing to attend (NaN is not empty)
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     return (p @ vf).to(q.dtype)
+
+
+def int8_linear_static(x, w_q, w_scale, x_scale, bias=None):
+    """W8A8 linear with a static (calibrated) per-tensor activation scale.
+
+    x [..., K] fp32/bf16/fp16; w_q int8 [N, K]; w_scale [N]; x_scale: one positive finite fp32
+    value (shape [] or [1]); bias [N] or None. ``xq = clamp(round_half_even(x / x_scale), -127,
+    127)`` (values beyond the calibrated range saturate), then as int8_linear:
+    y = (xq @ w_q.T as exact int32) * x_scale * w_scale[None, :] + bias in fp32, cast to x.dtype.
+    NaN/Inf in x raise ValueError.
+    """
+    op = "int8_linear_static"
+    checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
+    N, K = checks.int8_weight(op, w_q, w_scale, x.device)
+    checks.activation(op, x, K)
+    checks.bias(op, bias, N, x.device)
+    checks.tensor(op, "x_scale", x_scale, checks.FLOAT_DTYPES, device=x.device)
+    if x_scale.numel() != 1 or x_scale.dim() > 1:
+        raise ValueError(f"pysparse.{op}: x_scale must hold one value (per-tensor scale), got "
+                         f"shape {tuple(x_scale.shape)}")
+    xs = x_scale.float().reshape(())
+    if not bool(torch.isfinite(xs)) or float(xs) <= 0:
+        raise ValueError(f"pysparse.{op}: x_scale must be positive and finite, got {float(xs)}")
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], N))
+    xf = x2.float()
+    checks.finite_rows(op, xf.abs().amax(dim=-1))
+    xq = _int8.quantize_rows(xf, xs.expand(xf.shape[0]))
+    return _epilogue(_int_mm(xq, w_q), xs, w_scale, bias, x.shape, x.dtype)

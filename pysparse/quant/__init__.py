@@ -1,2 +1,14 @@
 """Quantization methods: observers, static activation calibration, SmoothQuant, weight-only
-int8/int4, QAT (see the modules)."""
+int8/int4, QAT (see the modules).
+
+* ``observers``   scales / zero points (min-max, percentile, MSE; per tensor/channel/token/group;
+                  symmetric or asymmetric, 4 or 8 bits), functional and stateful
+* ``int4``        the group-wise int4 weight format of the "w4" scheme (two codes per byte)
+* ``state``       what calibrate / smooth leave on a float linear layer
+* ``calibrate``   static per-tensor activation scales (``pysparse.calibrate``)
+* ``smoothquant`` ``pysparse.smooth``
+* ``qat``         ``pysparse.prepare_qat`` / ``pysparse.convert_qat``
+
+This package imports nothing itself (``pysparse.nn.linear`` imports ``int4`` and ``state``, and
+``calibrate`` / ``smoothquant`` / ``qat`` import the replacement pass).
+"""
