@@ -5,7 +5,6 @@ import types
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import pysparse
@@ -17,6 +16,7 @@ from pysparse.prune.criteria import taylor_scores
 from pysparse.prune.sequential import find_blocks
 from pysparse.replace import is_linear
 from pysparse.testing import tolerances
+from pysparse.testing.models import tiny_bert, tiny_llama
 
 METHODS = ("magnitude", "random", "wanda", "taylor", "sparsegpt")
 # (pattern, sparsity, scope)
@@ -25,21 +25,9 @@ TARGETS = {"2:4": ("2:4", None, "layer"), "4:8": ("4:8", None, "layer"),
 
 
 # ---------------------------------------------------------------------------------- models
-def _bert():
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                  intermediate_size=128, vocab_size=128,
-                                  max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
 
 
-def _llama():
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=160, vocab_size=128,
-                                   max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-ARCHS = {"bert": _bert, "llama": _llama}
+ARCHS = {"bert": tiny_bert, "llama": tiny_llama}
 
 
 def _calib(n=8, seq=12, vocab=128, seed=0):
@@ -168,7 +156,7 @@ def test_taylor_score_is_weight_times_accumulated_grad():
 
 
 def test_taylor_default_loss_and_layers_without_gradient():
-    model = _bert()  # default loss reads last_hidden_state: the pooler gets no gradient
+    model = tiny_bert()  # default loss reads last_hidden_state: the pooler gets no gradient
     report = pysparse.prune(model, pattern="2:4", method="taylor", calib=_calib(),
                             progress=False)
     pooler = next(r for r in report.layers if r.name == "pooler.dense")
@@ -282,10 +270,10 @@ def test_sparsegpt_needs_blocks():
         pysparse.prune(model, pattern="2:4", method="sparsegpt", calib=_calib(vocab=20),
                        progress=False)
     with pytest.raises(ValueError, match="blocks="):
-        pysparse.prune(_bert(), pattern="2:4", method="sparsegpt", calib=_calib(),
+        pysparse.prune(tiny_bert(), pattern="2:4", method="sparsegpt", calib=_calib(),
                        blocks="encoder.nope", progress=False)
     with pytest.raises(ValueError, match="multiple of M=8"):
-        pysparse.prune(_bert(), pattern="4:8", method="sparsegpt", calib=_calib(), blocksize=12,
+        pysparse.prune(tiny_bert(), pattern="4:8", method="sparsegpt", calib=_calib(), blocksize=12,
                        progress=False)
 
 
@@ -331,7 +319,7 @@ def test_methods_on_random_models(arch, method, target):
 
 def test_random_is_seeded():
     def mask(seed):
-        model = _bert()
+        model = tiny_bert()
         pysparse.prune(model, pattern="2:4", method="random", seed=seed, progress=False)
         return model.encoder.layer[0].attention.self.query.weight != 0
     assert torch.equal(mask(0), mask(0))
@@ -340,7 +328,7 @@ def test_random_is_seeded():
 
 # ---------------------------------------------------------------------------------- errors
 def test_errors():
-    bert, data = _bert(), _calib()
+    bert, data = tiny_bert(), _calib()
     for method in ("wanda", "taylor", "sparsegpt"):
         with pytest.raises(ValueError, match="needs calibration data"):
             pysparse.prune(bert, pattern="2:4", method=method, progress=False)
@@ -381,7 +369,7 @@ def test_structured_is_delegated(monkeypatch):
     fake = types.ModuleType("pysparse.prune.structured")
     fake.prune_structured = lambda *a, **k: calls.append((a, k)) or "report"
     monkeypatch.setitem(sys.modules, "pysparse.prune.structured", fake)
-    model = _bert()
+    model = tiny_bert()
     assert pysparse.prune(model, "heads", 0.25, method="taylor", calib="c", tokenizer="t",
                           progress=False, foo=1) == "report"
     assert calls == [((model, "heads", 0.25), dict(method="taylor", calib="c", tokenizer="t",
@@ -433,7 +421,7 @@ def test_calib_convention_is_shared():
             return {"input_ids": ids, "attention_mask": mask}
     texts = [f"text number {i}" for i in range(8)]
     assert len(pcalib.batches(texts, Tok(), batch_size=4)) == 2
-    model = _bert()
+    model = tiny_bert()
     report = pysparse.prune(model, pattern="2:4", method="wanda", calib=texts, tokenizer=Tok(),
                             progress=False)
     assert len(report.pruned) == len(_selected(model))

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import pysparse
@@ -14,6 +13,7 @@ from pysparse.nn.linear import (Int4Linear, Int8Linear, Int8WeightOnlyLinear, St
 from pysparse.ops import reference
 from pysparse.quant import int4, observers, qat, smoothquant, state
 from pysparse.testing import tolerances
+from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
 
 # Named floors for this file (SQNR in dB of a whole random model's output against fp32).
 STATIC_W8A8_SQNR_DB = 20.0   # per-tensor static activations, random models with outlier channels
@@ -24,25 +24,10 @@ W4_MINILM_COSINE = 0.99
 W4_MINILM_RTN_COSINE = 0.93  # what round-to-nearest int4 g128 reaches (measured 0.9397)
 
 
-def _gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def _bert():
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                  intermediate_size=128, vocab_size=128, max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
 
-
-def _llama():
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=160, vocab_size=128,
-                                   max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-ARCHS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama}
+ARCHS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}
 
 
 def _model(arch):
@@ -235,7 +220,7 @@ def test_weight_only_modules_match_dequantized_reference(cls, kw, dtype):
 
 
 def test_weight_only_bytes_and_replace():
-    model = _gpt2()  # Conv1D layers
+    model = tiny_gpt2()  # Conv1D layers
     ids = _ids()
     ref = _out(model, ids)
     dense = sum(r.weight_bytes for r in pysparse.summary(model) if r.name != "lm_head")
@@ -331,7 +316,7 @@ def test_calibrate_ignores_padding_and_honours_state():
 
 
 def test_static_errors():
-    model = _bert()
+    model = tiny_bert()
     with pytest.raises(ValueError, match=r"pysparse.calibrate\(model"):
         pysparse.replace_linear(model, "w8a8", activation="static")
     assert not any(isinstance(m, StaticInt8Linear) for m in model.modules())  # untouched
@@ -522,10 +507,10 @@ def test_prepare_train_convert(arch):
 
 def test_qat_errors():
     with pytest.raises(ValueError, match="scheme"):
-        pysparse.prepare_qat(_bert(), scheme="w4a4")
+        pysparse.prepare_qat(tiny_bert(), scheme="w4a4")
     with pytest.raises(ValueError, match="prepare_qat"):
-        pysparse.convert_qat(_bert())
-    model = _bert()
+        pysparse.convert_qat(tiny_bert())
+    model = tiny_bert()
     pysparse.prepare_qat(model)
     assert all(r.detail == "already a QATLinear" or r.status == "skipped"
                for r in pysparse.prepare_qat(model).layers)

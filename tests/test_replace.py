@@ -2,34 +2,19 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import pysparse
 from pysparse.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
 from pysparse.replace import is_linear
 from pysparse.testing import tolerances
+from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
 
 
-def _gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def _bert():
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                  intermediate_size=128, vocab_size=128, max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
 
-
-def _llama():
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=160, vocab_size=128,
-                                   max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-ARCHS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama}
+ARCHS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}
 SCHEME_CLS = {"w8a8": Int8Linear, "2:4": Sparse24Linear, "2:4+w8a8": Sparse24Int8Linear}
 
 
@@ -64,7 +49,7 @@ def test_replace_random_models(arch, scheme):
 
 
 def test_gpt2_conv1d_is_handled():
-    model = _gpt2()
+    model = tiny_gpt2()
     assert any(type(m).__name__ == "Conv1D" for m in model.modules())
     pysparse.replace_linear(model, "w8a8")
     assert not any(type(m).__name__ == "Conv1D" for m in model.modules())
@@ -72,7 +57,7 @@ def test_gpt2_conv1d_is_handled():
 
 
 def test_include_exclude_filter():
-    model = _bert()
+    model = tiny_bert()
     r = pysparse.replace_linear(copy.deepcopy(model), include=["*.attention.self.*"])
     assert {x.name.split(".")[-1] for x in r.replaced} == {"query", "key", "value"}
     r = pysparse.replace_linear(copy.deepcopy(model), exclude=["pooler.dense", "*.query"])
@@ -84,7 +69,7 @@ def test_include_exclude_filter():
 
 
 def test_24_on_dense_weights_raises_and_leaves_model_untouched():
-    model = _bert()
+    model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r'pysparse.prune\(model, pattern="2:4"\)'):
         pysparse.replace_linear(model, "2:4")
@@ -94,20 +79,20 @@ def test_24_on_dense_weights_raises_and_leaves_model_untouched():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown scheme"):
-        pysparse.replace_linear(_bert(), "w3a3")
+        pysparse.replace_linear(tiny_bert(), "w3a3")
     with pytest.raises(TypeError, match="nn.Module"):
         pysparse.replace_linear("not a model")
     with pytest.raises((RuntimeError, ValueError), match="backend"):
-        pysparse.replace_linear(_bert(), backend="cuda")
+        pysparse.replace_linear(tiny_bert(), backend="cuda")
     with pytest.raises(ValueError, match="method"):
-        pysparse.prune(_bert(), pattern="2:4", method="wanda-typo")
+        pysparse.prune(tiny_bert(), pattern="2:4", method="wanda-typo")
     with pytest.raises(ValueError, match="exactly one"):
-        pysparse.prune(_bert())
+        pysparse.prune(tiny_bert())
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "2:4+w8a8", "2:4"])
 def test_bf16_model_and_dtype_moves(scheme):
-    model = _llama()
+    model = tiny_llama()
     if scheme.startswith("2:4"):
         pysparse.prune(model, pattern="2:4")
     ids = torch.randint(0, 128, (1, 9))
@@ -123,7 +108,7 @@ def test_bf16_model_and_dtype_moves(scheme):
 
 
 def test_state_dict_roundtrip():
-    a, b = _bert(), _bert()
+    a, b = tiny_bert(), tiny_bert()
     pysparse.replace_linear(a, "w8a8")
     pysparse.replace_linear(b, "w8a8")
     sd = a.state_dict()
@@ -135,7 +120,7 @@ def test_state_dict_roundtrip():
 
 
 def test_forced_reference_backend_module():
-    model = _bert()
+    model = tiny_bert()
     ids = torch.randint(0, 128, (2, 7))
     auto = copy.deepcopy(model)
     pysparse.replace_linear(auto, "w8a8")
@@ -146,7 +131,7 @@ def test_forced_reference_backend_module():
 
 @pytest.mark.parametrize("scheme", ["w8a8", "2:4+w8a8"])
 def test_torch_compile_no_graph_break(scheme):
-    model = _bert()
+    model = tiny_bert()
     if scheme.startswith("2:4"):
         pysparse.prune(model, pattern="2:4")
     pysparse.replace_linear(model, scheme)
@@ -158,7 +143,7 @@ def test_torch_compile_no_graph_break(scheme):
 
 
 def test_summary_bytes():
-    model = _bert()
+    model = tiny_bert()
     dense = sum(r.weight_bytes for r in pysparse.summary(model))
     pysparse.replace_linear(model, "w8a8")
     rows = pysparse.summary(model)
