@@ -577,14 +577,44 @@ def test_minilm_weight_only(minilm_eval):
     assert fidelity(lambda q: pysparse.replace_linear(q, "w4")) >= W4_MINILM_RTN_COSINE
 
 
+@pytest.fixture(scope="module")
+def minilm_w4(minilm_eval):
+    """MiniLM w4 g128 fidelity: round-to-nearest (symmetric min-max; asymmetric MSE-clipped) and
+    GPTQ (64 calibration texts, seed 1) then replace_linear, symmetric and asymmetric."""
+    from pysparse.quant.gptq import gptq_quantize
+    _model, tok, cal, fidelity, _smoothed = minilm_eval
+
+    def gptq(symmetric):
+        def step(q):
+            gptq_quantize(q, cal, tok, symmetric=symmetric, progress=False)
+            pysparse.replace_linear(q, "w4", symmetric=symmetric)
+        return step
+
+    return {"rtn": fidelity(lambda q: pysparse.replace_linear(q, "w4")),
+            "rtn_asym_mse": fidelity(lambda q: pysparse.replace_linear(q, "w4", symmetric=False,
+                                                                        method="mse")),
+            "gptq": fidelity(gptq(True)), "gptq_asym": fidelity(gptq(False))}
+
+
+# GPTQ's gain over round-to-nearest on MiniLM w4 g128 (measured: symmetric 0.9397 -> 0.9770,
+# asymmetric 0.958 (0.963 MSE-clipped) -> 0.9830); the margins leave ~0.01 of slack
+W4_MINILM_GPTQ_GAIN = 0.025      # symmetric GPTQ over symmetric RTN (measured +0.037)
+W4_MINILM_GPTQ_BEST_GAIN = 0.01  # best GPTQ over best RTN (measured +0.020)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="round-to-nearest int4 g128 reaches 0.94-0.96 on MiniLM; "
-                   "0.99 needs error-compensating quantization (GPTQ-like, not implemented)")
-def test_minilm_w4_issue_target(minilm_eval):
-    _model, _tok, _cal, fidelity, _smoothed = minilm_eval
-    best = max(fidelity(lambda q, kw=kw: pysparse.replace_linear(q, "w4", **kw))
-               for kw in ({}, {"symmetric": False, "method": "mse"}))
-    assert best >= W4_MINILM_COSINE
+def test_minilm_w4_gptq(minilm_w4):
+    r = minilm_w4
+    assert r["gptq"] >= r["rtn"] + W4_MINILM_GPTQ_GAIN
+    assert max(r["gptq"], r["gptq_asym"]) >= max(r["rtn"], r["rtn_asym_mse"]) + \
+        W4_MINILM_GPTQ_BEST_GAIN
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="int4 g128 on MiniLM: round-to-nearest reaches 0.94-0.96, "
+                   "GPTQ ~0.98 (test_minilm_w4_gptq); 0.99 is not reached")
+def test_minilm_w4_issue_target(minilm_w4):
+    assert max(minilm_w4.values()) >= W4_MINILM_COSINE
 
 
 @pytest.mark.slow
@@ -612,3 +642,103 @@ def test_minilm_smoothquant_static_issue_target(minilm_eval):
     _model, tok, cal, fidelity, smoothed = minilm_eval
     dynamic = fidelity(lambda q: pysparse.replace_linear(q, "w8a8"))
     assert fidelity(_static(cal, tok), base=smoothed(0.8)) >= dynamic
+
+
+# ----------------------------------------------------------------------------- GPTQ
+def _correlated_inputs(n=512, K=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(K, K, generator=g) / K ** 0.5 + torch.eye(K)
+    scale = torch.rand(K, generator=g) * 3 + 0.1  # uneven column magnitudes
+    return (torch.randn(n, K, generator=g) @ mix) * scale
+
+
+def _gptq_linear(lin, x, bits=4, group_size=128, symmetric=True, **kw):
+    """GPTQ one layer from its inputs x [n, K], as gptq_quantize does per layer."""
+    from pysparse.quant.gptq import gptq_solve
+    w = linear_weight(lin)
+    new, scale, zero = gptq_solve(w, 2 * x.T @ x / x.shape[0], bits=bits, group_size=group_size,
+                                  symmetric=symmetric, **kw)
+    with torch.no_grad():
+        w.copy_(new)
+    state.set_gptq_qparams(lin, bits, group_size, symmetric, scale, zero)
+    return lin
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_gptq_beats_rtn_on_a_linear(symmetric, group_size):
+    torch.manual_seed(0)
+    x = _correlated_inputs()
+    ref = nn.Linear(128, 48)
+    g = _gptq_linear(copy.deepcopy(ref), x, group_size=group_size, symmetric=symmetric)
+    rtn = Int4Linear.from_linear(ref, group_size=group_size, symmetric=symmetric)
+    gq = Int4Linear.from_linear(g, group_size=group_size, symmetric=symmetric)
+    with torch.no_grad():
+        want = ref(x)
+        e_rtn, e_gptq = (want - rtn(x)).norm(), (want - gq(x)).norm()
+    assert e_gptq <= e_rtn
+    assert e_gptq < 0.8 * e_rtn  # correlated inputs: GPTQ is clearly better, not just equal
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_codes_are_valid_int4(symmetric):
+    from pysparse.quant import gptq
+    x = _correlated_inputs(K=64, seed=1)
+    lin = _gptq_linear(nn.Linear(64, 16), x, group_size=16, symmetric=symmetric)
+    w = linear_weight(lin).detach().clone()
+    q = Int4Linear.from_linear(lin, group_size=16, symmetric=symmetric)
+    assert torch.equal(q.dequantized_weight(), w)  # packing GPTQ's codes is lossless
+    stored = state.gptq_qparams(lin, 4, 16, symmetric)
+    assert torch.equal(q.weight_scale, stored[0])
+    # every group lies on its grid: at most 15 (sym) / 16 (asym) distinct levels per group
+    groups = w.reshape(16, 4, 16)
+    assert all(len(torch.unique(gr)) <= (15 if symmetric else 16) for gr in groups.flatten(0, 1))
+    # a layer changed after GPTQ no longer matches its scales: round-to-nearest, with a warning
+    with torch.no_grad():
+        lin.weight.mul_(1.5)
+    with pytest.warns(UserWarning, match="no longer reproduce"):
+        q2 = Int4Linear.from_linear(lin, group_size=16, symmetric=symmetric)
+    rtn = int4.dequantize_weight(*int4.quantize_weight(linear_weight(lin), 16, symmetric), 16)
+    assert torch.equal(q2.dequantized_weight(), rtn)
+    # options that differ from GPTQ's: plain round-to-nearest, silently
+    assert state.gptq_qparams(lin, 4, 32, symmetric) is None
+    with pytest.raises(ValueError, match="act_order"):
+        gptq.gptq_solve(w, torch.eye(64), group_size=16, act_order=True)
+
+
+def test_gptq_w8_lossless_and_act_order():
+    x = _correlated_inputs(K=64, seed=2)
+    ref = nn.Linear(64, 16)
+    lin = _gptq_linear(copy.deepcopy(ref), x, bits=8, group_size=None, act_order=True)
+    w = linear_weight(lin).detach().clone()
+    q = Int8WeightOnlyLinear.from_linear(lin)
+    assert torch.equal(q.dequantized_weight(), w)
+    rtn = Int8WeightOnlyLinear.from_linear(ref)
+    with torch.no_grad():
+        assert (ref(x) - q(x)).norm() <= (ref(x) - rtn(x)).norm()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_gptq_tiny_models_then_w4(arch):
+    from pysparse.quant.gptq import gptq_quantize
+    model = ARCHS_GPTQ[arch]()
+    ids = _ids()
+    ref = _out(model, ids)
+    calib = [{"input_ids": torch.randint(1, 128, (4, 16)),
+              "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(2)]
+    calib[1]["attention_mask"][:, 12:] = 0  # padding is left out of the Hessians
+    rep = gptq_quantize(model, calib, group_size=32, progress=False)
+    assert {r.status for r in rep.layers} == {"quantized"} | (
+        {"skipped"} if any(r.name == "lm_head" for r in rep.layers) else set())
+    floats = {n: linear_weight(m).detach().clone() for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n != "lm_head"}
+    pysparse.replace_linear(model, "w4", group_size=32)
+    for n, m in model.named_modules():
+        if n in floats:
+            assert isinstance(m, Int4Linear) and torch.equal(m.dequantized_weight(), floats[n])
+    out = _out(model, ids)
+    assert torch.isfinite(out).all()
+    assert tolerances.sqnr_db(ref, out) > 10
+
+
+ARCHS_GPTQ = {"bert": tiny_bert, "llama": tiny_llama}

@@ -367,6 +367,12 @@ class Int8WeightOnlyLinear(_PackedLinear):
         w = linear_weight(module)
         out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
         out.weight_q, out.weight_scale = _int8.quantize_weight(w)
+        stored = _qstate.gptq_qparams(module, 8, None, True)
+        if stored is not None:  # GPTQ's scales (quant.gptq), when they reproduce w exactly
+            scale = stored[0].to(w.device)
+            q = _int8.quantize_rows(w, scale)
+            if _exact(_int8.dequantize_weight(q, scale), w, "w8"):
+                out.weight_q, out.weight_scale = q, scale
         out._set_bias(module)
         return out.to(w.device)
 
@@ -377,6 +383,17 @@ class Int8WeightOnlyLinear(_PackedLinear):
         w = self.dequantized_weight().to(x.dtype)
         return torch.nn.functional.linear(x, w, None if self.bias is None else
                                           self.bias.to(x.dtype))
+
+
+def _exact(deq, w, scheme):
+    """Whether GPTQ's stored codes reproduce ``w``; warns (round-to-nearest follows) if not."""
+    if torch.equal(deq.float(), w.detach().float()):
+        return True
+    import warnings
+    warnings.warn(f"pysparse.replace_linear({scheme!r}): the layer's stored GPTQ scales no "
+                  f"longer reproduce its weight (changed or cast after gptq_quantize); "
+                  f"quantizing it by round-to-nearest")
+    return False
 
 
 class Int4Linear(_PackedLinear):
@@ -421,8 +438,15 @@ class Int4Linear(_PackedLinear):
         w = linear_weight(module)
         out = cls(w.shape[1], w.shape[0], bias=False, backend=backend, group_size=group_size,
                   symmetric=symmetric)
-        out.weight_packed, out.weight_scale, out.weight_zero = _int4.quantize_weight(
-            w, group_size, symmetric, method)
+        stored = _qstate.gptq_qparams(module, 4, group_size, symmetric)
+        if stored is not None:  # GPTQ's scales (quant.gptq), when they reproduce w exactly
+            packed, scale, zero = _int4.quantize_weight_with(w, *stored, group_size=group_size)
+            if _exact(_int4.dequantize_weight(packed, scale, zero, group_size), w, "w4"):
+                out.weight_packed, out.weight_scale, out.weight_zero = packed, scale, zero
+                stored = True
+        if stored is not True:
+            out.weight_packed, out.weight_scale, out.weight_zero = _int4.quantize_weight(
+                w, group_size, symmetric, method)
         out._set_bias(module)
         return out.to(w.device)
 

@@ -4,7 +4,9 @@ int8/int4, QAT (see the modules).
 * ``observers``   scales / zero points (min-max, percentile, MSE; per tensor/channel/token/group;
                   symmetric or asymmetric, 4 or 8 bits), functional and stateful
 * ``int4``        the group-wise int4 weight format of the "w4" scheme (two codes per byte)
-* ``state``       what calibrate / smooth leave on a float linear layer
+* ``state``       what calibrate / smooth / gptq leave on a float linear layer
+* ``gptq``        GPTQ error-compensating weight quantization for "w4" / "w8" (float weights
+                  and scales on the layers; ``replace_linear`` then packs them losslessly)
 * ``calibrate``   static per-tensor activation scales (``pysparse.calibrate``)
 * ``smoothquant`` ``pysparse.smooth``
 * ``qat``         ``pysparse.prepare_qat`` / ``pysparse.convert_qat``

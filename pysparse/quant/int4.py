@@ -71,6 +71,20 @@ def quantize_weight(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
     return pack(nibbles.to(torch.uint8)), scale.contiguous(), zero
 
 
+def quantize_weight_with(w: torch.Tensor, scale: torch.Tensor, zero=None,
+                         group_size: int = DEFAULT_GROUP_SIZE):
+    """Like quantize_weight, with given scales fp32 [N, K/G] (and zero points uint8, None for
+    symmetric): the codes of GPTQ (quant.gptq), whose scales are not the min-max of ``w``."""
+    check_group_size(group_size, w.shape[1], who="quant.int4.quantize_weight_with")
+    symmetric = zero is None
+    scale = scale.to(w.device).float()
+    zp = None if symmetric else zero.to(w.device).to(torch.int32)
+    q = _obs.quantize(w.detach().float(), scale, zp, 4, "group", symmetric, group_size)
+    nibbles = (q.to(torch.int16) + SYM_OFFSET) if symmetric else q.to(torch.int16)
+    return (pack(nibbles.to(torch.uint8)), scale.contiguous(),
+            None if symmetric else zero.to(w.device).to(torch.uint8).contiguous())
+
+
 def dequantize_weight(packed, scale, zero=None, group_size=DEFAULT_GROUP_SIZE,
                       dtype=torch.float32):
     """(packed, scale, zero) -> float [N, K] in ``dtype`` (computed in fp32)."""
@@ -88,4 +102,5 @@ def dequantize_weight(packed, scale, zero=None, group_size=DEFAULT_GROUP_SIZE,
 
 
 __all__ = ["DEFAULT_GROUP_SIZE", "check_group_size", "pack", "unpack", "quantize_weight",
+           "quantize_weight_with",
            "dequantize_weight"]

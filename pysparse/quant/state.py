@@ -16,6 +16,23 @@ import torch
 
 INPUT_SCALE = "pysparse_input_scale"
 SMOOTH = "pysparse_smooth"
+# GPTQ (quant.gptq): dict(bits, group_size, symmetric, scale, zero) of the codes the float
+# weight holds, read by the w4 / w8 modules' from_linear
+GPTQ = "pysparse_gptq"
+
+
+def set_gptq_qparams(module, bits, group_size, symmetric, scale, zero):
+    setattr(module, GPTQ, dict(bits=int(bits), group_size=group_size, symmetric=bool(symmetric),
+                               scale=scale, zero=zero))
+
+
+def gptq_qparams(module, bits, group_size, symmetric):
+    """(scale, zero) stored by GPTQ for these format options, or None."""
+    p = getattr(module, GPTQ, None)
+    if p is None or (p["bits"], p["group_size"], p["symmetric"]) != (bits, group_size,
+                                                                       bool(symmetric)):
+        return None
+    return p["scale"], p["zero"]
 
 
 def input_scale(module):
@@ -71,6 +88,6 @@ def copy_state(src, dst):
             setattr(dst, name, getattr(src, name))
 
 
-__all__ = ["INPUT_SCALE", "SMOOTH", "input_scale", "set_input_scale", "clear_input_scale",
+__all__ = ["INPUT_SCALE", "SMOOTH", "GPTQ", "set_gptq_qparams", "gptq_qparams", "input_scale", "set_input_scale", "clear_input_scale",
            "smooth_vector", "set_smooth_vector", "input_multiplier", "effective_input",
            "smoothed_weight", "copy_state"]
