@@ -7,6 +7,7 @@ inputs passed through), or a list of strings together with ``tokenizer=`` (token
 batches of ``batch_size``, padded, truncated to ``max_length``). Bad input gets a clear
 ValueError / TypeError naming the caller, never a silent empty calibration.
 """
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -107,4 +108,35 @@ def default_loss(out) -> torch.Tensor:
     return h.float().pow(2).mean()
 
 
-__all__ = ["batches", "run", "default_loss", "device_of", "to_device"]
+class TokenMask:
+    """The real-token mask [batch, seq] of the batch now running (None: every token is real)."""
+
+    def __init__(self):
+        self.current = None
+
+    def set(self, attention_mask):
+        m = attention_mask
+        self.current = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` [..., K] that belong to real tokens, as [n, K]."""
+        m = self.current
+        if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+    @contextmanager
+    def follow(self, model: nn.Module):
+        """Read ``attention_mask`` from every call of ``model`` (for ``calib.run`` passes)."""
+        def pre_hook(_module, args, kwargs):
+            self.set(kwargs.get("attention_mask"))
+
+        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self.current = None
+
+
+__all__ = ["batches", "run", "default_loss", "device_of", "to_device", "TokenMask"]

@@ -4,43 +4,13 @@ Forward hooks accumulate, per layer, either the squared norm of every input colu
 ``||X_j||^2``) or the Gram matrix ``X^T X`` (SparseGPT's Hessian ``H = 2 X^T X / n``). Padding
 tokens are left out: the model never reads their activations, so they would only bias the
 statistics. Which tokens are real comes from the batch's 2-D ``attention_mask``, held by a
-``TokenMask`` that the driver updates per batch (or that reads it from the model's own calls).
+``calib.TokenMask`` that the driver updates per batch (or that reads it from the model's own calls).
 """
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
-
-class TokenMask:
-    """The real-token mask [batch, seq] of the batch now running (None: every token is real)."""
-
-    def __init__(self):
-        self.current = None
-
-    def set(self, attention_mask):
-        m = attention_mask
-        self.current = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of ``x`` [..., K] that belong to real tokens, as [n, K]."""
-        m = self.current
-        if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-            return x[m.to(x.device)]
-        return x.reshape(-1, x.shape[-1])
-
-    @contextmanager
-    def follow(self, model: nn.Module):
-        """Read ``attention_mask`` from every call of ``model`` (for ``calib.run`` passes)."""
-        def pre_hook(_module, args, kwargs):
-            self.set(kwargs.get("attention_mask"))
-
-        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            yield self
-        finally:
-            handle.remove()
-            self.current = None
+from ..calib import TokenMask
 
 
 class InputStats:

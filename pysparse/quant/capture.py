@@ -11,44 +11,33 @@ from contextlib import contextmanager
 
 import torch
 
+from ..calib import TokenMask
 from . import state as _state
-
-
-class _Mask:
-    current = None
 
 
 @contextmanager
 def capture_inputs(model, layers: dict, fn, on_output: dict | None = None):
     """layers: {name: module}; fn(name, x2d). on_output: {module: callback(module, output)}."""
-    mask = _Mask()
-
-    def model_pre(_mod, args, kwargs):
-        m = kwargs.get("attention_mask")
-        mask.current = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+    tokens = TokenMask()
 
     def layer_pre(name):
         def hook(module, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            x = args[0].detach()
-            K = x.shape[-1]
-            m = mask.current
-            if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m.to(device=x.device).bool()]
-            x = _state.effective_input(module, x.reshape(-1, K)).float()
+            x = _state.effective_input(module, tokens.select(args[0].detach())).float()
             if x.numel():
                 fn(name, x)
         return hook
 
-    handles = [model.register_forward_pre_hook(model_pre, with_kwargs=True)]
+    handles = []
     try:
         for name, module in layers.items():
             handles.append(module.register_forward_pre_hook(layer_pre(name)))
         for module, cb in (on_output or {}).items():
             handles.append(module.register_forward_hook(
                 lambda mod, args, out, cb=cb: cb(mod, out)))
-        yield
+        with tokens.follow(model):
+            yield
     finally:
         for h in handles:
             h.remove()
