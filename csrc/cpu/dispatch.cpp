@@ -523,6 +523,17 @@ struct Sp24FCtx {
 };
 
 // Expand sp24f columns [n0, n1) to dense fp32 [panel][K][16].
+// Element i of x (fp32 or bf16) as fp32.
+inline float load_f32(const void* x, DType dt, int64_t i) {
+  if (dt == kBF16) {
+    const uint32_t b = uint32_t(static_cast<const uint16_t*>(x)[i]) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+  return static_cast<const float*>(x)[i];
+}
+
 void expand_f32(const detail::Sparse24FArgs& a, int64_t n0, int64_t n1, float* out) {
   const int64_t K = a.K, G = K / 4;
   for (int64_t nb = n0 / 16; nb * 16 < n1; ++nb) {
@@ -533,13 +544,7 @@ void expand_f32(const detail::Sparse24FArgs& a, int64_t n0, int64_t n1, float* o
       const uint64_t code = a.sc[nb * G + g];
       for (int j = 0; j < 16; ++j)
         for (int t = 0; t < 2; ++t) {
-          float w;
-          if (a.vdt == kBF16) {
-            const uint32_t bits = uint32_t(static_cast<const uint16_t*>(a.sv)[line + j * 2 + t]) << 16;
-            std::memcpy(&w, &bits, 4);
-          } else {
-            w = static_cast<const float*>(a.sv)[line + j * 2 + t];
-          }
+          const float w = load_f32(a.sv, a.vdt, line + j * 2 + t);
           const int64_t k = 4 * g + int64_t((code >> (4 * j + 2 * t)) & 3u);
           dst[k * 16 + j] = w;
         }
@@ -593,16 +598,6 @@ struct AttnCtx {
   int64_t nqb;             // query blocks per head
 };
 
-inline float attn_load(const void* x, DType dt, int64_t i) {
-  if (dt == kBF16) {
-    const uint32_t b = uint32_t(static_cast<const uint16_t*>(x)[i]) << 16;
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-  }
-  return static_cast<const float*>(x)[i];
-}
-
 // Packs K and V of (b, kv head g) in the form of impl.h ("f32" or "bf16").
 void attn_pack_one(const AttnCtx& c, int64_t b, int64_t g, uint8_t* kdst, uint8_t* vdst) {
   const AttentionArgs& a = *c.a;
@@ -641,7 +636,7 @@ void attn_pack_one(const AttnCtx& c, int64_t b, int64_t g, uint8_t* kdst, uint8_
       const float* kr = static_cast<const float*>(a.k) + ko;
       for (int64_t d = 0; d < D; ++d) dst[d * 16] = kr[d];
     } else {
-      for (int64_t d = 0; d < D; ++d) dst[d * 16] = attn_load(a.k, a.dt, ko + d);
+      for (int64_t d = 0; d < D; ++d) dst[d * 16] = load_f32(a.k, a.dt, ko + d);
     }
   }
   if (c.v_direct) return;  // the kernel reads V in place
@@ -649,7 +644,7 @@ void attn_pack_one(const AttnCtx& c, int64_t b, int64_t g, uint8_t* kdst, uint8_
   std::memset(vp, 0, size_t(c.vbytes));
   for (int64_t j = 0; j < Sk; ++j) {  // vp[j][d]
     const int64_t vo = vbase + j * a.vs[2];
-    for (int64_t d = 0; d < D; ++d) vp[j * D16 + d] = attn_load(a.v, a.dt, vo + d);
+    for (int64_t d = 0; d < D; ++d) vp[j * D16 + d] = load_f32(a.v, a.dt, vo + d);
   }
 }
 
