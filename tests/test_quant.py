@@ -1,6 +1,7 @@
 """Quantization methods: observers, int4 format, weight-only modules, static calibration,
 SmoothQuant, QAT (pysparse.quant)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,6 @@ STATIC_W8A8_SQNR_DB = 20.0   # per-tensor static activations, random models with
 SMOOTH_EXACT = dict(rtol=1e-4, atol=1e-5)  # smoothing alone, fp32: float rounding only
 QAT_CONVERT_SQNR_DB = 40.0   # fake-quant fp32 product vs exact int32 accumulation, whole model
 W8_MINILM_COSINE = 0.999     # issue targets
-W4_MINILM_COSINE = 0.99
 W4_MINILM_RTN_COSINE = 0.93  # what round-to-nearest int4 g128 reaches (measured 0.9397)
 
 
@@ -274,6 +274,104 @@ def test_int8_linear_static_op():
         torch.ops.pysparse.int8_linear_static(x, w_q, w_s, torch.ones(2), None)
     with pytest.raises(ValueError, match="positive"):
         torch.ops.pysparse.int8_linear_static(x, w_q, w_s, torch.tensor(0.0), None)
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (7, 33), (2, 5, 129)])
+@pytest.mark.parametrize("zero", [0, 37, 128, 255])
+def test_int8_linear_static_op_asymmetric(shape, zero):
+    g = torch.Generator().manual_seed(zero)
+    K = shape[-1]
+    x = torch.randn(*shape, generator=g) * 2
+    w_q, w_s = int8.quantize_weight(torch.randn(24, K, generator=g))
+    b = torch.randn(24, generator=g)
+    x_s = torch.tensor(0.015)
+    for z in (torch.tensor(zero, dtype=torch.int32), torch.tensor([zero], dtype=torch.uint8)):
+        y = torch.ops.pysparse.int8_linear_static(x, w_q, w_s, x_s, b, z)
+        # uint8 codes (saturating at 0 and 255) minus the zero point, exact integer product
+        xq = (torch.round(x.double() / 0.015) + zero).clamp(0, 255) - zero
+        want = (xq @ w_q.double().T) * 0.015 * w_s.double() + b.double()
+        torch.testing.assert_close(y, want.float(), **tolerances.QUANT_EPILOGUE[torch.float32])
+    # a range that holds x: the asymmetric grid's error is half a step per element at most
+    lo, hi = float(x.min()), float(x.max())
+    s = (hi - lo) / 255
+    zp = torch.tensor(round(-lo / s), dtype=torch.int32)
+    y = torch.ops.pysparse.int8_linear_static(x, w_q, w_s, torch.tensor(s), None, zp)
+    dq = w_q.float() * w_s[:, None]
+    bound = 0.5 * s * dq.abs().sum(1) + 1e-4 * (x.abs() @ dq.abs().T)
+    assert ((y - x @ dq.T).abs() <= bound).all()
+    torch.library.opcheck(torch.ops.pysparse.int8_linear_static.default,
+                          (x, w_q, w_s, x_s, b, torch.tensor(zero, dtype=torch.int32)),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_int8_linear_static_op_zero_point_errors():
+    x = torch.randn(3, 16)
+    w_q, w_s = int8.quantize_weight(torch.randn(8, 16))
+    op, s = torch.ops.pysparse.int8_linear_static, torch.tensor(0.1)
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        op(x, w_q, w_s, s, None, torch.tensor(256, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        op(x, w_q, w_s, s, None, torch.tensor(-1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one value"):
+        op(x, w_q, w_s, s, None, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x_zero"):
+        op(x, w_q, w_s, s, None, torch.tensor(3.0))
+    with pytest.raises(ValueError, match="NaN"):
+        op(torch.full((3, 16), float("nan")), w_q, w_s, s, None, torch.tensor(3, dtype=torch.int32))
+    assert op(x[:0], w_q, w_s, s, None, torch.tensor(3, dtype=torch.int32)).shape == (0, 8)
+
+
+def test_calibrate_asymmetric_one_sided_inputs():
+    """A GELU-fed layer: asymmetric calibration records the real range and a zero point, the
+    module carries it (through a state_dict too), and its error is well below symmetric's."""
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.fc1, self.act, self.fc2 = nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.fc2(self.act(self.fc1(self.emb(input_ids))))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(0, 50, (4, 9), generator=g)} for _ in range(3)]
+    sym, asym = copy.deepcopy(model), copy.deepcopy(model)
+    pysparse.calibrate(sym, data, progress=False)
+    rep = pysparse.calibrate(asym, data, symmetric=False, progress=False)
+    assert "zero=" in [r for r in rep.layers if r.name == "fc2"][0].detail
+    with torch.no_grad():
+        acts = torch.cat([model.act(model.fc1(model.emb(d["input_ids"]))).reshape(-1, 64)
+                          for d in data])
+    lo, hi = float(acts.min()), float(acts.max())
+    assert -0.2 < lo < 0  # GELU's one-sided range
+    s, z = state.input_scale(asym.fc2), state.input_zero(asym.fc2)
+    assert s == pytest.approx((hi - lo) / 255, rel=1e-5) and z == round(-lo / s)
+    assert state.input_zero(sym.fc2) is None
+    for m in (sym, asym):
+        pysparse.replace_linear(m, "w8a8", activation="static")
+    assert asym.fc2.input_zero.dtype == torch.int32 and int(asym.fc2.input_zero) == z
+    assert sym.fc2.input_zero is None and "input_zero" in repr(asym.fc2)
+    x = torch.randint(0, 50, (6, 9), generator=g)
+    with torch.no_grad():
+        want = model(x)
+        e_sym, e_asym = (sym(x) - want).norm(), (asym(x) - want).norm()
+    assert e_asym < 0.75 * e_sym
+    twin = copy.deepcopy(model)
+    twin.fc1, twin.fc2 = StaticInt8Linear(32, 64), StaticInt8Linear(64, 16)
+    twin.load_state_dict(asym.state_dict())
+    assert torch.equal(twin(x), asym(x))
+    # re-calibrating symmetric drops the zero point; clearing drops both
+    pysparse.calibrate(model, data, symmetric=False, progress=False)
+    pysparse.calibrate(model, data, progress=False)
+    assert state.input_zero(model.fc2) is None
+    state.set_input_scale(model.fc2, 0.1, 7)
+    state.clear_input_scale(model.fc2)
+    assert state.input_scale(model.fc2) is None and state.input_zero(model.fc2) is None
+    with pytest.raises(ValueError, match="symmetric"):
+        pysparse.calibrate(model, data, symmetric="no", progress=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -561,9 +659,9 @@ def minilm_eval(minilm):
 FFN_OUT = ("encoder.layer.*.output.dense",)
 
 
-def _static(cal, tok, exclude=("lm_head",)):
+def _static(cal, tok, exclude=("lm_head",), symmetric=True):
     def step(q):
-        pysparse.calibrate(q, cal, tok, progress=False)
+        pysparse.calibrate(q, cal, tok, symmetric=symmetric, progress=False)
         pysparse.replace_linear(q, "w8a8", activation="static", exclude=exclude)
     return step
 
@@ -610,11 +708,33 @@ def test_minilm_w4_gptq(minilm_w4):
         W4_MINILM_GPTQ_BEST_GAIN
 
 
+# AWQ + GPTQ (act order, MSE-clipped static asymmetric groups) on MiniLM w4 g128, 256
+# calibration texts: bench_accuracy measures 0.9901 on its 256 held-out texts (the issue's 0.99);
+# this file's 64 held-out texts measure 0.9898
+W4_MINILM_AWQ_GPTQ_COSINE = 0.9875
+W4_MINILM_AWQ_GAIN = 0.004  # over asymmetric GPTQ alone with 64 texts (measured 0.9830)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="int4 g128 on MiniLM: round-to-nearest reaches 0.94-0.96, "
-                   "GPTQ ~0.98 (test_minilm_w4_gptq); 0.99 is not reached")
-def test_minilm_w4_issue_target(minilm_w4):
-    assert max(minilm_w4.values()) >= W4_MINILM_COSINE
+def test_minilm_w4_awq_gptq(minilm_eval, minilm_w4):
+    from pysparse.data import load_descriptions
+    from pysparse.quant.awq import awq_smooth
+    from pysparse.quant.gptq import gptq_quantize
+    _model, tok, _cal, fidelity, _smoothed = minilm_eval
+    cal = load_descriptions(64 + 256, seed=0)[64:]  # the held-out texts are the first 64
+
+    def step(q):
+        awq_smooth(q, cal, tok, progress=False)
+        gptq_quantize(q, cal, tok, symmetric=False, act_order=True, clip="mse", progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # packing GPTQ's codes must be lossless
+            pysparse.replace_linear(q, "w4", symmetric=False)
+        assert all(isinstance(m, Int4Linear) and m.input_multiplier is not None
+                   for n, m in q.named_modules() if n.endswith("intermediate.dense"))
+
+    got = fidelity(step)
+    assert got >= W4_MINILM_AWQ_GPTQ_COSINE
+    assert got >= minilm_w4["gptq_asym"] + W4_MINILM_AWQ_GAIN
 
 
 @pytest.mark.slow
@@ -635,13 +755,16 @@ def test_minilm_smoothquant(minilm_eval):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="all-static SmoothQuant W8A8 peaks at 0.9973 (a=0.8; "
-                   "0.9978 at a=1) vs 0.9982 for dynamic per-token: the FFN output layers' "
-                   "token-wise outliers need per-token scales (see test_minilm_smoothquant)")
 def test_minilm_smoothquant_static_issue_target(minilm_eval):
+    """Every layer static: SmoothQuant (alpha 0.85) + asymmetric per-tensor activations (uint8
+    codes with a zero point) are at least as faithful as dynamic per-token W8A8; symmetric
+    static falls short (the GELU-fed FFN output layers waste half their int8 range)."""
     _model, tok, cal, fidelity, smoothed = minilm_eval
     dynamic = fidelity(lambda q: pysparse.replace_linear(q, "w8a8"))
-    assert fidelity(_static(cal, tok), base=smoothed(0.8)) >= dynamic
+    s = smoothed(0.85)
+    asym = fidelity(_static(cal, tok, symmetric=False), base=s)
+    assert asym >= dynamic
+    assert asym > fidelity(_static(cal, tok), base=s)
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -702,8 +825,8 @@ def test_gptq_codes_are_valid_int4(symmetric):
     assert torch.equal(q2.dequantized_weight(), rtn)
     # options that differ from GPTQ's: plain round-to-nearest, silently
     assert state.gptq_qparams(lin, 4, 32, symmetric) is None
-    with pytest.raises(ValueError, match="act_order"):
-        gptq.gptq_solve(w, torch.eye(64), group_size=16, act_order=True)
+    with pytest.raises(ValueError, match="clip"):
+        gptq.gptq_solve(w, torch.eye(64), group_size=16, clip="percentile")
 
 
 def test_gptq_w8_lossless_and_act_order():

@@ -302,8 +302,10 @@ class StaticInt8Linear(_MultiplierStateDict, _PackedLinear):
     """W8A8 with a *static* activation scale: int8 weight per output channel (as Int8Linear), the
     input quantized per tensor with the fixed scale ``input_scale`` (fp32 []) that
     ``pysparse.calibrate`` recorded, so there is no per-token amax pass; values beyond the
-    calibrated range saturate at ±127. Runs ``pysparse::int8_linear_static`` (reference backend
-    for now). Honours a pending SmoothQuant vector like Int8Linear (``input_multiplier``).
+    calibrated range saturate. ``input_zero`` (int32 [] or None): the uint8 zero point of an
+    asymmetric calibration (``calibrate(..., symmetric=False)``), None for symmetric int8.
+    Runs ``pysparse::int8_linear_static`` (reference backend for now). Honours a pending
+    SmoothQuant vector like Int8Linear (``input_multiplier``).
     Built by ``replace_linear(model, "w8a8", activation="static")``.
     """
 
@@ -317,6 +319,12 @@ class StaticInt8Linear(_MultiplierStateDict, _PackedLinear):
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("input_multiplier", None)
+        self.register_buffer("input_zero", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "input_zero" in state_dict and self.input_zero is None:
+            self.input_zero = torch.zeros((), dtype=torch.int32, device=self.input_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_linear(cls, module, backend=None):
@@ -328,6 +336,9 @@ class StaticInt8Linear(_MultiplierStateDict, _PackedLinear):
         out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
         out.weight_q, out.weight_scale = _int8.quantize_weight(_qstate.smoothed_weight(w, module))
         out.input_scale = torch.tensor(float(scale), dtype=torch.float32)
+        zero = _qstate.input_zero(module)
+        if zero is not None:
+            out.input_zero = torch.tensor(int(zero), dtype=torch.int32)
         out._set_bias(module)
         _set_multiplier(out, module, w.device)
         return out.to(w.device)
@@ -335,7 +346,7 @@ class StaticInt8Linear(_MultiplierStateDict, _PackedLinear):
     def forward(self, x):
         x = _apply_multiplier(x, self.input_multiplier)
         return self._run("int8_linear_static", x, self.weight_q, self.weight_scale,
-                         self.input_scale, self.bias)
+                         self.input_scale, self.bias, self.input_zero)
 
     def int8_weight(self):
         return self.weight_q
@@ -344,27 +355,31 @@ class StaticInt8Linear(_MultiplierStateDict, _PackedLinear):
         return _int8.dequantize_weight(self.weight_q, self.weight_scale)
 
     def extra_repr(self):
-        return super().extra_repr() + f", input_scale={float(self.input_scale):.4g}"
+        zero = "" if self.input_zero is None else f", input_zero={int(self.input_zero)}"
+        return super().extra_repr() + f", input_scale={float(self.input_scale):.4g}{zero}"
 
 
-class Int8WeightOnlyLinear(_PackedLinear):
+class Int8WeightOnlyLinear(_MultiplierStateDict, _PackedLinear):
     """Weight-only int8 ("w8"): ``weight_q`` int8 [N, K] with per-output-channel symmetric
     scales (formats.int8), float activations. forward dequantizes the weight (fp32, cast to x's
     dtype) and calls F.linear in x's dtype: the reference path (a fused int8-weight kernel that
-    streams 1 byte per weight is a later issue). A pending SmoothQuant vector is not needed here
-    and is ignored (the float weight is quantized as it is)."""
+    streams 1 byte per weight is a later issue). A pending smoothing vector (``pysparse.smooth``,
+    ``quant.awq.awq_smooth``) is honoured like Int8Linear: ``W * s`` is quantized and the input
+    multiplied by ``input_multiplier`` = 1 / s."""
 
     scheme = "w8"
+    _fp32_buffers = ("weight_scale", "bias", "input_multiplier")
 
     def __init__(self, in_features, out_features, bias=True, backend=None):
         super().__init__(in_features, out_features, backend)
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_multiplier", None)
 
     @classmethod
     def from_linear(cls, module, backend=None):
-        w = linear_weight(module)
+        w = _qstate.smoothed_weight(linear_weight(module), module)
         out = cls(w.shape[1], w.shape[0], bias=False, backend=backend)
         out.weight_q, out.weight_scale = _int8.quantize_weight(w)
         stored = _qstate.gptq_qparams(module, 8, None, True)
@@ -374,20 +389,24 @@ class Int8WeightOnlyLinear(_PackedLinear):
             if _exact(_int8.dequantize_weight(q, scale), w, "w8"):
                 out.weight_q, out.weight_scale = q, scale
         out._set_bias(module)
+        _set_multiplier(out, module, w.device)
         return out.to(w.device)
 
     def dequantized_weight(self):
         return _int8.dequantize_weight(self.weight_q, self.weight_scale)
 
     def forward(self, x):
+        x = _apply_multiplier(x, self.input_multiplier)
         w = self.dequantized_weight().to(x.dtype)
         return torch.nn.functional.linear(x, w, None if self.bias is None else
                                           self.bias.to(x.dtype))
 
 
 def _exact(deq, w, scheme):
-    """Whether GPTQ's stored codes reproduce ``w``; warns (round-to-nearest follows) if not."""
-    if torch.equal(deq.float(), w.detach().float()):
+    """Whether GPTQ's stored codes reproduce ``w`` (to float rounding: a smoothed layer holds
+    codes / s, and W * s comes back within an ulp or two); warns (round-to-nearest follows) if
+    not. Codes sit on integers, so rounding noise this small never changes them."""
+    if torch.allclose(deq.float(), w.detach().float(), rtol=2e-6, atol=0.0):
         return True
     import warnings
     warnings.warn(f"pysparse.replace_linear({scheme!r}): the layer's stored GPTQ scales no "
@@ -396,17 +415,20 @@ def _exact(deq, w, scheme):
     return False
 
 
-class Int4Linear(_PackedLinear):
+class Int4Linear(_MultiplierStateDict, _PackedLinear):
     """Weight-only int4, group-wise ("w4"): groups of ``group_size`` (default 128) along K, each
     with an fp32 scale (and a uint8 zero point when ``symmetric=False``); codes packed two per
     byte, ``weight_packed`` uint8 [N, K/2] (layout in quant.int4). K must be a multiple of
     group_size (``replace_linear`` skips other layers with the reason; from_linear raises).
     Options (``replace_linear(model, "w4", group_size=..., symmetric=..., method=...)``):
     group_size (even, default 128), symmetric (default True), method "minmax" | "mse".
-    forward dequantizes (fp32, cast to x's dtype) and calls F.linear: the reference path."""
+    forward dequantizes (fp32, cast to x's dtype) and calls F.linear: the reference path.
+    A pending smoothing vector (``quant.awq.awq_smooth``, ``pysparse.smooth``) is honoured as in
+    Int8Linear (``input_multiplier``)."""
 
     scheme = "w4"
     OPTIONS = ("group_size", "symmetric", "method")
+    _fp32_buffers = ("weight_scale", "bias", "input_multiplier")
 
     def __init__(self, in_features, out_features, bias=True, backend=None,
                  group_size=_int4.DEFAULT_GROUP_SIZE, symmetric=True):
@@ -419,6 +441,7 @@ class Int4Linear(_PackedLinear):
         self.register_buffer("weight_zero", None if symmetric else
                              torch.zeros(N, G, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_multiplier", None)
 
     @classmethod
     def check_options(cls, group_size=_int4.DEFAULT_GROUP_SIZE, symmetric=True,
@@ -435,7 +458,7 @@ class Int4Linear(_PackedLinear):
                     symmetric=True, method="minmax"):
         """method: each group's range, "minmax" or "mse" (the clipping with the least squared
         error, quant.observers); it changes only the scales chosen, not the format."""
-        w = linear_weight(module)
+        w = _qstate.smoothed_weight(linear_weight(module), module)
         out = cls(w.shape[1], w.shape[0], bias=False, backend=backend, group_size=group_size,
                   symmetric=symmetric)
         stored = _qstate.gptq_qparams(module, 4, group_size, symmetric)
@@ -448,6 +471,7 @@ class Int4Linear(_PackedLinear):
             out.weight_packed, out.weight_scale, out.weight_zero = _int4.quantize_weight(
                 w, group_size, symmetric, method)
         out._set_bias(module)
+        _set_multiplier(out, module, w.device)
         return out.to(w.device)
 
     def dequantized_weight(self):
@@ -455,6 +479,7 @@ class Int4Linear(_PackedLinear):
                                        self.group_size)
 
     def forward(self, x):
+        x = _apply_multiplier(x, self.input_multiplier)
         w = self.dequantized_weight().to(x.dtype)
         return torch.nn.functional.linear(x, w, None if self.bias is None else
                                           self.bias.to(x.dtype))

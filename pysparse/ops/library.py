@@ -132,12 +132,14 @@ torch.library.register_autograd("pysparse::attention", _attention_backward,
 
 
 # W8A8 with a *static* activation scale (pysparse.calibrate): x [..., K] fp32/bf16/fp16, w_q int8
-# [N, K], w_scale fp32 [N], x_scale fp32 with one element (per-tensor), bias [N] -> [..., N]
+# [N, K], w_scale fp32 [N], x_scale fp32 with one element (per-tensor), bias [N], x_zero None
+# (symmetric int8) or one int32/uint8 uint8-zero-point (asymmetric) -> [..., N]
 torch.library.define(
     "pysparse::int8_linear_static",
-    "(Tensor x, Tensor w_q, Tensor w_scale, Tensor x_scale, Tensor? bias) -> Tensor")
+    "(Tensor x, Tensor w_q, Tensor w_scale, Tensor x_scale, Tensor? bias, Tensor? x_zero=None)"
+    " -> Tensor")
 
 
 @torch.library.register_fake("pysparse::int8_linear_static")
-def _(x, w_q, w_scale, x_scale, bias):
+def _(x, w_q, w_scale, x_scale, bias, x_zero=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

@@ -170,14 +170,17 @@ def attention(q, k, v, mask=None, causal=False, scale=None):
     return (p @ vf).to(q.dtype)
 
 
-def int8_linear_static(x, w_q, w_scale, x_scale, bias=None):
+def int8_linear_static(x, w_q, w_scale, x_scale, bias=None, x_zero=None):
     """W8A8 linear with a static (calibrated) per-tensor activation scale.
 
     x [..., K] fp32/bf16/fp16; w_q int8 [N, K]; w_scale [N]; x_scale: one positive finite fp32
-    value (shape [] or [1]); bias [N] or None. ``xq = clamp(round_half_even(x / x_scale), -127,
-    127)`` (values beyond the calibrated range saturate), then as int8_linear:
-    y = (xq @ w_q.T as exact int32) * x_scale * w_scale[None, :] + bias in fp32, cast to x.dtype.
-    NaN/Inf in x raise ValueError.
+    value (shape [] or [1]); bias [N] or None. Symmetric (``x_zero`` None):
+    ``xq = clamp(round_half_even(x / x_scale), -127, 127)``. Asymmetric (``x_zero``: one int32
+    / uint8 value in [0, 255], the uint8 zero point): ``xq = clamp(round_half_even(x / x_scale)
+    + x_zero, 0, 255) - x_zero`` (the unsigned code minus its zero point: the operands a
+    u8 x s8 dot product with a column-sum correction computes). Values beyond the calibrated
+    range saturate. Then as int8_linear: y = (xq @ w_q.T as exact int32) * x_scale *
+    w_scale[None, :] + bias in fp32, cast to x.dtype. NaN/Inf in x raise ValueError.
     """
     op = "int8_linear_static"
     checks.tensor(op, "x", x, checks.FLOAT_DTYPES)
@@ -191,10 +194,23 @@ def int8_linear_static(x, w_q, w_scale, x_scale, bias=None):
     xs = x_scale.float().reshape(())
     if not bool(torch.isfinite(xs)) or float(xs) <= 0:
         raise ValueError(f"pysparse.{op}: x_scale must be positive and finite, got {float(xs)}")
+    z = None
+    if x_zero is not None:
+        checks.tensor(op, "x_zero", x_zero, (torch.int32, torch.uint8), device=x.device)
+        if x_zero.numel() != 1 or x_zero.dim() > 1:
+            raise ValueError(f"pysparse.{op}: x_zero must hold one value (per-tensor zero "
+                             f"point), got shape {tuple(x_zero.shape)}")
+        z = int(x_zero.reshape(()))
+        if not 0 <= z <= 255:
+            raise ValueError(f"pysparse.{op}: x_zero must be in [0, 255] (uint8 zero point), "
+                             f"got {z}")
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], N))
     xf = x2.float()
     checks.finite_rows(op, xf.abs().amax(dim=-1))
-    xq = _int8.quantize_rows(xf, xs.expand(xf.shape[0]))
+    if z is None:
+        xq = _int8.quantize_rows(xf, xs.expand(xf.shape[0]))
+    else:
+        xq = (torch.round(xf / xs) + z).clamp_(0, 255).to(torch.int32) - z
     return _epilogue(_int_mm(xq, w_q), xs, w_scale, bias, x.shape, x.dtype)

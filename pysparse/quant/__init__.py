@@ -7,10 +7,12 @@ int8/int4, QAT (see the modules).
 * ``state``       what calibrate / smooth / gptq leave on a float linear layer
 * ``gptq``        GPTQ error-compensating weight quantization for "w4" / "w8" (float weights
                   and scales on the layers; ``replace_linear`` then packs them losslessly)
-* ``calibrate``   static per-tensor activation scales (``pysparse.calibrate``)
-* ``smoothquant`` ``pysparse.smooth``
+* ``awq``         AWQ activation-aware input-channel scaling before w4 / w8 (with ``gptq``)
+* ``calibrate``   static per-tensor activation scales, symmetric or asymmetric
+                  (``pysparse.calibrate``)
+* ``smoothquant`` ``pysparse.smooth`` (and the fold machinery AWQ shares)
 * ``qat``         ``pysparse.prepare_qat`` / ``pysparse.convert_qat``
 
 This package imports nothing itself (``pysparse.nn.linear`` imports ``int4`` and ``state``, and
-``calibrate`` / ``smoothquant`` / ``qat`` import the replacement pass).
+``awq`` / ``calibrate`` / ``smoothquant`` / ``qat`` import the replacement pass).
 """

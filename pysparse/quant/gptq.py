@@ -41,48 +41,65 @@ from . import state as _state
 _WHO = "pysparse.quant.gptq"
 
 
-def _qparams(cols: torch.Tensor, bits: int, symmetric: bool):
-    """Per-row (scale fp32, zero int32) of ``cols`` [rows, n] by min-max (as the w4/w8 formats)."""
-    return _obs.qparams(cols.float(), bits, "channel", symmetric, "minmax")
+CLIPS = ("minmax", "mse")
+
+
+def _qparams(cols: torch.Tensor, bits: int, symmetric: bool, clip: str = "minmax"):
+    """Per-row (scale fp32, zero int32) of ``cols`` [rows, n]: min-max (as the w4/w8 formats) or
+    the MSE-optimal clipping of that range (quant.observers)."""
+    return _obs.qparams(cols.float(), bits, "channel", symmetric, clip)
+
+
+def _check_clip(clip):
+    if clip not in CLIPS:
+        raise ValueError(f"{_WHO}: clip must be one of {', '.join(map(repr, CLIPS))}, got "
+                         f"{clip!r}")
 
 
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, *, bits: int = 4,
                group_size: int | None = 128, symmetric: bool = True, percdamp: float = 0.01,
-               blocksize: int = 128, act_order: bool = False):
+               blocksize: int = 128, act_order: bool = False, clip: str = "minmax"):
     """Quantize ``w`` [rows, K] given the Hessian ``h`` [K, K] of its inputs.
 
     Returns (the dequantized weight, float32 - float64 when ``w`` is -, scale fp32
     [rows, K/G] or [rows] when ``group_size`` is None, zero point uint8 of the same shape or
     None when symmetric). ``act_order`` processes the columns by decreasing Hessian diagonal
-    (per-row scales only: with groups it would scatter a group's columns over the sweep).
-    ``w`` is not modified.
+    (the inputs that carry the most energy first, while the most columns are left to absorb
+    their error); with groups, each group's scale is then fixed before the sweep from the
+    weights as given ("static groups": the sweep visits a group's columns out of order).
+    Without act_order a group's scale comes from its current, already updated weights when the
+    sweep reaches it. ``clip``: "minmax" or "mse" (clipped range with the least squared error)
+    for those scales. ``w`` is not modified.
     """
     rows, K = w.shape
+    _check_clip(clip)
     if group_size is not None:
         _int4.check_group_size(group_size, K, who="quant.gptq")
-        if act_order:
-            raise ValueError(f"{_WHO}: act_order=True needs group_size=None (one scale per row)")
         blocksize = -(-blocksize // group_size) * group_size  # groups never straddle blocks
     qmin, qmax = _obs.qrange(bits, symmetric)
     perm = None
     h = h.detach()
+    ngroups = 1 if group_size is None else K // group_size
+    scale = torch.ones(rows, ngroups, device=w.device)
+    zero = torch.zeros(rows, ngroups, dtype=torch.int32, device=w.device)
+    static = group_size is None or act_order
+    if static:  # every scale from the weights before the sweep
+        G = K if group_size is None else group_size
+        s, z = _qparams(w.detach().reshape(rows * ngroups, G), bits, symmetric, clip)
+        scale[:], zero[:] = s.reshape(rows, ngroups), z.reshape(rows, ngroups)
+    group = torch.arange(K, device=w.device) // (K if group_size is None else group_size)
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h, group = w[:, perm], h[perm][:, perm], group[perm]
     W, U = prepare_hessian(w, h, percdamp, who=_WHO)
-    ngroups = 1 if group_size is None else K // group_size
-    scale = torch.ones(rows, ngroups, device=W.device)
-    zero = torch.zeros(rows, ngroups, dtype=torch.int32, device=W.device)
-    if group_size is None:
-        s, z = _qparams(W, bits, symmetric)
-        scale[:, 0], zero[:, 0] = s, z
+    group = group.tolist()
     cur = {}
 
     def fix(W1, d, i1, i):
         j = i1 + i
-        g = 0 if group_size is None else j // group_size
-        if group_size is not None and j % group_size == 0:
-            scale[:, g], zero[:, g] = _qparams(W1[:, i:i + group_size], bits, symmetric)
+        g = group[j]
+        if not static and j % group_size == 0:
+            scale[:, g], zero[:, g] = _qparams(W1[:, i:i + group_size], bits, symmetric, clip)
         if cur.get("g") != g:
             cur.update(g=g, s=scale[:, g], z=zero[:, g].float())
         s, z = cur["s"], cur["z"]
@@ -99,7 +116,8 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, *, bits: int = 4,
 
 def gptq_quantize(model: nn.Module, calib, tokenizer=None, *, bits: int = 4,
                   group_size: int | None = 128, symmetric: bool = True, percdamp: float = 0.01,
-                  blocksize: int = 128, act_order: bool = False, include=None,
+                  blocksize: int = 128, act_order: bool = False, clip: str = "minmax",
+                  include=None,
                   exclude=("lm_head",), blocks: str | None = None, batch_size: int = 8,
                   max_length: int = 128, progress: bool = True) -> Report:
     """GPTQ every selected linear layer of ``model`` in place (float weights = dequantized
@@ -107,6 +125,10 @@ def gptq_quantize(model: nn.Module, calib, tokenizer=None, *, bits: int = 4,
     ``pysparse.replace_linear(model, "w4", group_size=group_size, symmetric=symmetric)``
     (``"w8"`` for ``bits=8, group_size=None``), which packs exactly these codes (module
     docstring). calib: a list of strings with ``tokenizer``, or tokenized batches.
+    act_order / clip: see ``gptq_solve``. A layer with a pending smoothing vector s
+    (``pysparse.smooth`` / ``quant.awq.awq_smooth`` on a model where it could not be folded) is
+    solved for the weight its quantized module will hold, W * s, against the Hessian of x / s;
+    the float weight then holds the result / s, so the float model stays consistent.
     Layers no calibration token reaches are left as they are (round-to-nearest later).
     """
     if bits not in (4, 8):
@@ -116,10 +138,9 @@ def gptq_quantize(model: nn.Module, calib, tokenizer=None, *, bits: int = 4,
                          f"and symmetric=True")
     if group_size is not None:
         _int4.check_group_size(group_size, who="quant.gptq")
-    if act_order and group_size is not None:
-        raise ValueError(f"{_WHO}: act_order=True needs group_size=None (one scale per row)")
+    _check_clip(clip)
     report = Report(f"gptq_quantize(bits={bits}, group_size={group_size}, "
-                    f"symmetric={symmetric})")
+                    f"symmetric={symmetric}, act_order={act_order}, clip={clip!r})")
     entries, layers = [], {}
     for name, _parent, _attr, module, reason in linear_layers(model, include, exclude):
         shape = _shape(module)
@@ -139,10 +160,17 @@ def gptq_quantize(model: nn.Module, calib, tokenizer=None, *, bits: int = 4,
                     notes[name] = "no calibration token reached this layer"
                     continue
                 w = linear_weight(module)
-                new, scale, zero = gptq_solve(w, stats[name].hessian(), bits=bits,
+                h = stats[name].hessian()
+                sv = _state.smooth_vector(module)
+                if sv is not None:  # solve for W * s against the Hessian of x / s
+                    sv = sv.to(h.device, h.dtype)
+                    h = h / sv[:, None] / sv[None, :]
+                new, scale, zero = gptq_solve(_state.smoothed_weight(w, module), h, bits=bits,
                                               group_size=group_size, symmetric=symmetric,
                                               percdamp=percdamp, blocksize=blocksize,
-                                              act_order=act_order)
+                                              act_order=act_order, clip=clip)
+                if sv is not None:
+                    new = new / sv.to(new.device, new.dtype)
                 w.copy_(new.to(w.dtype))
                 _state.set_gptq_qparams(module, bits, group_size, symmetric, scale, zero)
 

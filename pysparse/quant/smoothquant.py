@@ -151,7 +151,32 @@ def smooth(model: nn.Module, calib, alpha: float = 0.5, tokenizer=None, *, inclu
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"pysparse.smooth: alpha must be a number in [0, 1], got {alpha!r}")
-    report = Report(f"smooth(alpha={alpha})")
+
+    def vector(_members, act, w_max, _expand):
+        return _smooth_vector(act, w_max, alpha)
+
+    return rescale_inputs(model, calib, tokenizer, title=f"smooth(alpha={alpha})", who="smooth",
+                          stat=lambda x: x.abs().amax(dim=0), combine=torch.maximum,
+                          vector=vector, include=include, exclude=exclude, filter_fn=filter_fn,
+                          progress=progress)
+
+
+@torch.no_grad()
+def rescale_inputs(model: nn.Module, calib, tokenizer=None, *, title: str, who: str, stat,
+                   combine, vector, include=None, exclude=("lm_head",), filter_fn=None,
+                   progress=True, on_input=None) -> Report:
+    """The machinery of ``smooth``, shared with AWQ (quant.awq): per-input-channel vectors s,
+    folded upstream where exact, else left as pending multipliers (module docstring).
+
+    stat(x2d) -> [K] per-channel statistic of one batch of a layer's input; combine(a, b) merges
+    two batches' (torch.maximum for a max, torch.add for a sum). vector(members, act, w_max,
+    expand) -> s for one fold step: ``members`` the names of the layers receiving s,
+    ``act`` their merged input statistic and ``w_max`` the largest |W_eff[:, j]| over the
+    members, both per channel of the fold (per kv channel for grouped-query attention, where
+    ``expand(s)`` gives the members' full-width vector; identity otherwise). on_input(name, x)
+    also sees every input of the calibration pass.
+    """
+    report = Report(title)
     entries, selected = [], {}
     for name, _p, _a, module, reason in linear_layers(model, include, exclude, filter_fn):
         if reason is None and not module.weight.is_floating_point():
@@ -159,10 +184,10 @@ def smooth(model: nn.Module, calib, alpha: float = 0.5, tokenizer=None, *, inclu
         entries.append((name, module, reason))
         if reason is None:
             selected[name] = module
-    data = _calib.batches(calib, tokenizer, who="pysparse.smooth")
+    data = _calib.batches(calib, tokenizer, who=f"pysparse.{who}")
     if not selected:
-        raise ValueError("pysparse.smooth: no linear layer selected (check include/exclude/"
-                         "filter_fn)")
+        raise ValueError(f"pysparse.{who}: no linear layer selected (check include/exclude/"
+                         f"filter_fn)")
     groups, pairs = _find_groups(model)
     groups = [g for g in groups if all(n in selected for n in g[2])]
 
@@ -173,8 +198,10 @@ def smooth(model: nn.Module, calib, alpha: float = 0.5, tokenizer=None, *, inclu
     ref = []
 
     def record(name, x):
-        m = x.abs().amax(dim=0)
-        act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
+        m = stat(x)
+        act_max[name] = m if name not in act_max else combine(act_max[name], m)
+        if on_input is not None:
+            on_input(name, x)
 
     def norm_out(norm, out):
         last_out[norm] = out
@@ -195,7 +222,7 @@ def smooth(model: nn.Module, calib, alpha: float = 0.5, tokenizer=None, *, inclu
     outputs.update({norm: norm_out for _gn, norm, _ms in groups})
     try:
         with capture_inputs(model, selected, record, on_output=outputs):
-            _calib.run(model, data, desc="smooth", progress=progress)
+            _calib.run(model, data, desc=who, progress=progress)
     finally:
         for h in hooks:
             h.remove()
@@ -203,7 +230,7 @@ def smooth(model: nn.Module, calib, alpha: float = 0.5, tokenizer=None, *, inclu
 
     plan = _plan(selected, groups, pairs, fed, act_max)
     snapshot = [(p, p.detach().clone()) for p in _touched_params(plan, selected)]
-    how = _apply(plan, act_max, alpha, selected)
+    how = _apply(plan, act_max, vector, selected)
     fallback = None
     if any(kind != "multiplier" for kind, *_ in plan):
         err = _output_error(model, data[0], ref[0])
@@ -213,7 +240,7 @@ def smooth(model: nn.Module, calib, alpha: float = 0.5, tokenizer=None, *, inclu
             for name in selected:  # undo multipliers set by this call, then redo without folds
                 _restore_multiplier(selected[name], how.get(name))
             plan = [("multiplier", n) for n in selected if n in act_max]
-            how = _apply(plan, act_max, alpha, selected)
+            how = _apply(plan, act_max, vector, selected)
             fallback = f"folds undone: the model output moved by {err:.2e} (relative)"
     for name, module, reason in entries:
         if reason is None and name not in act_max:
@@ -263,17 +290,18 @@ def _touched_params(plan, selected):
                 yield t
 
 
-def _pair_scales(kind, prod, cons, block, act, alpha):
+def _pair_scales(kind, prod, cons, block, act, vector, cons_name):
     """(s for the consumer's input channels, s for the producer's output rows, rows slice)."""
     w_max = _w_colmax(cons)
     n_in = act.shape[0]
+    same = lambda s: s  # noqa: E731
     if kind == "gpt2_v":
         E = n_in
-        s = _smooth_vector(act, w_max, alpha)
+        s = vector([cons_name], act, w_max, same)
         return s, s, slice(2 * E, 3 * E)
     n_v = _weight(prod).shape[0]
     if n_in == n_v:
-        s = _smooth_vector(act, w_max, alpha)
+        s = vector([cons_name], act, w_max, same)
         return s, s, None
     if n_in % n_v:
         return None
@@ -283,10 +311,14 @@ def _pair_scales(kind, prod, cons, block, act, alpha):
     if not D or n_v % D:
         return None
     hkv = n_v // D
+
+    def expand(s_v):
+        return s_v.reshape(hkv, 1, D).expand(hkv, rep, D).reshape(-1)
+
     a = act.reshape(hkv, rep, D).amax(dim=1).reshape(-1)
     w = w_max.reshape(hkv, rep, D).amax(dim=1).reshape(-1)
-    s_v = _smooth_vector(a, w, alpha)
-    return s_v.reshape(hkv, 1, D).expand(hkv, rep, D).reshape(-1), s_v, None
+    s_v = vector([cons_name], a, w, expand)
+    return expand(s_v), s_v, None
 
 
 def _check_norm(norm, K, fn):
@@ -301,7 +333,7 @@ def _check_norm(norm, K, fn):
                                float(want.abs().max().clamp_min(1))))
 
 
-def _apply(plan, act_max, alpha, selected):
+def _apply(plan, act_max, vector, selected):
     """Apply the plan; returns {name: (how, s)} and clears invalidated static scales."""
     how = {}
     for step in plan:
@@ -309,7 +341,8 @@ def _apply(plan, act_max, alpha, selected):
         if kind == "pair":
             _k, prod_name, cons_name, pkind, block = step
             prod, cons = selected[prod_name], selected[cons_name]
-            scales = _pair_scales(pkind, prod, cons, block, act_max[cons_name], alpha)
+            scales = _pair_scales(pkind, prod, cons, block, act_max[cons_name], vector,
+                                  cons_name)
             if scales is None:
                 step = ("multiplier", cons_name)
                 kind = "multiplier"
@@ -326,7 +359,7 @@ def _apply(plan, act_max, alpha, selected):
             _k, gname, norm, members = step
             K = _weight(selected[members[0]]).shape[1]
             w_max = torch.stack([_w_colmax(selected[n]) for n in members]).amax(dim=0)
-            s = _smooth_vector(act_max[members[0]], w_max, alpha)
+            s = vector(list(members), act_max[members[0]], w_max, lambda v: v)
 
             def fold(norm=norm, s=s):
                 for t in (norm.weight, getattr(norm, "bias", None)):
@@ -350,15 +383,15 @@ def _apply(plan, act_max, alpha, selected):
                              if t is not None], saved):
                 t.copy_(v)
             for n in members:
-                _multiplier(selected[n], n, act_max, alpha, how,
+                _multiplier(selected[n], n, act_max, vector, how,
                             note=f"{gname} is not a plain affine norm")
             continue
-        _multiplier(selected[step[1]], step[1], act_max, alpha, how)
+        _multiplier(selected[step[1]], step[1], act_max, vector, how)
     return how
 
 
-def _multiplier(module, name, act_max, alpha, how, note=None):
-    s = _smooth_vector(act_max[name], _w_colmax(module), alpha)
+def _multiplier(module, name, act_max, vector, how, note=None):
+    s = vector([name], act_max[name], _w_colmax(module), lambda v: v)
     prev = _state.smooth_vector(module)
     _state.set_smooth_vector(module, s if prev is None else prev.to(s.device) * s)
     how[name] = ("activation multiplier" + (f" ({note})" if note else ""), s, prev)
@@ -392,4 +425,4 @@ def _output_error(model, batch, ref):
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-__all__ = ["smooth", "NORM_RULES", "PAIR_RULES"]
+__all__ = ["smooth", "rescale_inputs", "NORM_RULES", "PAIR_RULES"]

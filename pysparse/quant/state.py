@@ -4,8 +4,10 @@
 Two plain attributes (not buffers: they do not change the model's state_dict, ``model.to(dtype)``
 never rounds them, and losing them never changes what the float model computes):
 
-* ``pysparse_input_scale`` (float): the static per-tensor symmetric int8 scale of the layer's
-  input (``pysparse.calibrate``), i.e. of the input *after* the smoothing multiplier below.
+* ``pysparse_input_scale`` (float): the static per-tensor int8 scale of the layer's input
+  (``pysparse.calibrate``), i.e. of the input *after* the smoothing multiplier below; with
+  ``pysparse_input_zero`` (int in [0, 255]) when the calibration was asymmetric (uint8 codes
+  with that zero point).
 * ``pysparse_smooth`` (fp32 tensor [K]): a pending SmoothQuant vector ``s`` for a layer whose
   input could not be rescaled exactly upstream (post-LN models such as BERT, inputs behind a
   non-linearity). The float layer is unchanged; a W8A8 module built from it quantizes
@@ -15,6 +17,7 @@ never rounds them, and losing them never changes what the float model computes):
 import torch
 
 INPUT_SCALE = "pysparse_input_scale"
+INPUT_ZERO = "pysparse_input_zero"
 SMOOTH = "pysparse_smooth"
 # GPTQ (quant.gptq): dict(bits, group_size, symmetric, scale, zero) of the codes the float
 # weight holds, read by the w4 / w8 modules' from_linear
@@ -40,13 +43,24 @@ def input_scale(module):
     return getattr(module, INPUT_SCALE, None)
 
 
-def set_input_scale(module, scale: float):
+def input_zero(module):
+    """The calibrated uint8 zero point (int) of an asymmetric static scale, or None."""
+    return getattr(module, INPUT_ZERO, None)
+
+
+def set_input_scale(module, scale: float, zero_point: int | None = None):
     setattr(module, INPUT_SCALE, float(scale))
+    if zero_point is None:
+        if hasattr(module, INPUT_ZERO):
+            delattr(module, INPUT_ZERO)
+    else:
+        setattr(module, INPUT_ZERO, int(zero_point))
 
 
 def clear_input_scale(module):
-    if hasattr(module, INPUT_SCALE):
-        delattr(module, INPUT_SCALE)
+    for name in (INPUT_SCALE, INPUT_ZERO):
+        if hasattr(module, name):
+            delattr(module, name)
 
 
 def smooth_vector(module):
@@ -83,11 +97,12 @@ def smoothed_weight(w: torch.Tensor, module) -> torch.Tensor:
 
 def copy_state(src, dst):
     """Carry the attributes above from one float module to another (QAT wrappers)."""
-    for name in (INPUT_SCALE, SMOOTH):
+    for name in (INPUT_SCALE, INPUT_ZERO, SMOOTH):
         if hasattr(src, name):
             setattr(dst, name, getattr(src, name))
 
 
-__all__ = ["INPUT_SCALE", "SMOOTH", "GPTQ", "set_gptq_qparams", "gptq_qparams", "input_scale", "set_input_scale", "clear_input_scale",
+__all__ = ["INPUT_SCALE", "INPUT_ZERO", "SMOOTH", "GPTQ", "set_gptq_qparams", "gptq_qparams",
+           "input_scale", "input_zero", "set_input_scale", "clear_input_scale",
            "smooth_vector", "set_smooth_vector", "input_multiplier", "effective_input",
            "smoothed_weight", "copy_state"]
