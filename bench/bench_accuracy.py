@@ -1,8 +1,9 @@
 """Accuracy of every compression method on the bundled MiniLM and bundled real text.
 
 For each pruning method x pattern (2:4, 50% unstructured, 25% of attention heads, 25% of FFN
-neurons) and each quantization scheme (dynamic / static / SmoothQuant W8A8, weight-only w8 and
-w4 group-128, and 2:4 + W8A8), one-shot with no fine-tuning: embedding fidelity against the fp32
+neurons) and each quantization scheme (dynamic / static (symmetric int8 or asymmetric uint8) /
+SmoothQuant W8A8, weight-only w8 and w4 group-128 (round-to-nearest, GPTQ, AWQ + GPTQ), and
+2:4 + W8A8), one-shot with no fine-tuning: embedding fidelity against the fp32
 model on held-out text (mean cosine of the sentence embeddings and recall@10 of their nearest
 neighbours), bytes of the model's parameters and buffers, and the time the compression took.
 
@@ -11,6 +12,7 @@ evaluation set (first --eval texts) and a disjoint calibration set (the next --c
 
     .venv/bin/python bench/bench_accuracy.py                  # everything (a few minutes)
     .venv/bin/python bench/bench_accuracy.py --only prune     # or: quant, structured
+    .venv/bin/python bench/bench_accuracy.py --only quant --calib 256   # RESULTS' quant table
     .venv/bin/python bench/bench_accuracy.py --md out.md --json out.json
 """
 import argparse
@@ -29,6 +31,8 @@ import torch  # noqa: E402
 import pysparse  # noqa: E402
 from pysparse.data import load_descriptions  # noqa: E402
 from pysparse.models import embed, load_minilm  # noqa: E402
+from pysparse.quant.awq import awq_smooth  # noqa: E402
+from pysparse.quant.gptq import gptq_quantize  # noqa: E402
 from pysparse.report import cosine_fidelity, recall_at_k  # noqa: E402
 
 PRUNE_METHODS = ("magnitude", "random", "wanda", "taylor", "sparsegpt")
@@ -66,6 +70,13 @@ def variants(kind):
             v[f"w8a8 static ({obs})"] = ("quant", lambda model, tok, cal, obs=obs: (
                 pysparse.calibrate(model, cal, tokenizer=tok, method=obs, progress=False),
                 pysparse.replace_linear(model, "w8a8", activation="static")))
+        v["w8a8 static asym (minmax)"] = ("quant", lambda model, tok, cal: (
+            pysparse.calibrate(model, cal, tokenizer=tok, symmetric=False, progress=False),
+            pysparse.replace_linear(model, "w8a8", activation="static")))
+        v["smoothquant a=0.85 + w8a8 static asym (minmax)"] = ("quant", lambda model, tok, cal: (
+            pysparse.smooth(model, cal, alpha=0.85, tokenizer=tok, progress=False),
+            pysparse.calibrate(model, cal, tokenizer=tok, symmetric=False, progress=False),
+            pysparse.replace_linear(model, "w8a8", activation="static")))
         for alpha in (0.5, 0.8):
             v[f"smoothquant a={alpha} + w8a8 static (minmax)"] = ("quant", lambda model, tok, cal, a=alpha: (
                 pysparse.smooth(model, cal, alpha=a, tokenizer=tok, progress=False),
@@ -76,6 +87,14 @@ def variants(kind):
             pysparse.replace_linear(model, "w8a8")))
         v["w8 (weight-only)"] = ("quant", lambda model, tok, cal: pysparse.replace_linear(model, "w8"))
         v["w4 g128 (weight-only)"] = ("quant", lambda model, tok, cal: pysparse.replace_linear(model, "w4"))
+        v["w4 g128 asym gptq"] = ("quant", lambda model, tok, cal: (
+            gptq_quantize(model, cal, tok, symmetric=False, progress=False),
+            pysparse.replace_linear(model, "w4", symmetric=False)))
+        v["w4 g128 asym awq + gptq (act order, mse)"] = ("quant", lambda model, tok, cal: (
+            awq_smooth(model, cal, tok, progress=False),
+            gptq_quantize(model, cal, tok, symmetric=False, act_order=True, clip="mse",
+                          progress=False),
+            pysparse.replace_linear(model, "w4", symmetric=False)))
         for m in ("magnitude", "wanda", "sparsegpt"):
             v[f"2:4 {m} + w8a8"] = ("quant", lambda model, tok, cal, m=m: (
                 pysparse.prune(model, pattern="2:4", method=m, calib=None if m == "magnitude" else cal,
