@@ -13,40 +13,11 @@ from pysparse.quant import int4, state
 from pysparse.quant.awq import RowSample, awq_smooth
 from pysparse.quant.gptq import gptq_quantize, gptq_solve
 from pysparse.testing import tolerances
-from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
+from pysparse.testing.models import tiny_bert
 
-ARCHS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}
+from test_quant import ARCHS, _calib, _correlated_inputs, _ids, _model, _out  # shared helpers
+
 SMOOTH_EXACT = dict(rtol=1e-4, atol=1e-5)  # rescaling alone, fp32: float rounding only
-
-
-def _model(arch):
-    model = ARCHS[arch]()
-    with torch.no_grad():  # outlier input channels, as trained transformers have
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm"):
-                m.weight[::16] *= 8.0
-    return model
-
-
-def _calib(n=3, B=4, S=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(B, S, dtype=torch.long)
-        mask[0, S - 3:] = 0
-        out.append({"input_ids": torch.randint(1, 128, (B, S), generator=g),
-                    "attention_mask": mask})
-    return out
-
-
-def _out(model, ids):
-    with torch.no_grad():
-        o = model(input_ids=ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
-
-
-def _ids():
-    return torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(2))
 
 
 # ----------------------------------------------------------------------------- RowSample
@@ -74,7 +45,7 @@ def test_awq_keeps_float_model_and_lowers_w4_error(arch):
     ids = _ids()
     ref = _out(model, ids)
     scaled = copy.deepcopy(model)
-    rep = awq_smooth(scaled, _calib(), group_size=32, progress=False)
+    rep = awq_smooth(scaled, _calib(S=16), group_size=32, progress=False)
     done = [r for r in rep.layers if r.status == "smoothed"]
     assert done and all("alpha=" in r.detail for r in done)
     torch.testing.assert_close(_out(scaled, ids), ref, **SMOOTH_EXACT)  # rescaling is exact
@@ -97,15 +68,7 @@ def test_awq_search_never_worse_than_no_scaling_on_its_sample():
     x = torch.randn(256, 64) * (torch.rand(64) * 4 + 0.1)
     x[:, 5] *= 30  # a salient channel
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.lin(x[input_ids])
-
-    m = M()
+    m = _OneBlock(lin, x)
     data = [{"input_ids": torch.arange(256).reshape(4, 64)}]
     want = lin(x).detach()
     rtn = Int4Linear.from_linear(lin, group_size=32, symmetric=False)
@@ -138,13 +101,6 @@ def test_awq_errors():
 
 
 # ----------------------------------------------------------------------------- GPTQ
-def _correlated_inputs(n=512, K=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(K, K, generator=g) / K ** 0.5 + torch.eye(K)
-    scale = torch.rand(K, generator=g) * 3 + 0.1
-    return (torch.randn(n, K, generator=g) @ mix) * scale
-
-
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("clip", ["minmax", "mse"])
 @pytest.mark.parametrize("K,group_size", [(128, 32), (96, 32), (64, 64)])
