@@ -1,8 +1,33 @@
-"""The `pysparse` command: `info` and `demo` (compress/bench/eval arrive with their issues)."""
+"""The `pysparse` command: compress, eval, bench, info, demo.
+
+Every command takes --help; --json prints one JSON document on stdout (progress bars and notes go
+to stderr). Exit codes: 0 done, 1 the input was refused (the message says why; no traceback),
+2 bad command line, 130 interrupted. PYSPARSE_DEBUG=1 shows the traceback of a refused input.
+"""
 import argparse
 import json
+import os
 import platform
 import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _emit(args, data, text):
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _note(msg):
+    print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# info
 
 
 def _info(args):
@@ -26,58 +51,357 @@ def _info(args):
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = None
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"pysparse {info['pysparse']}  torch {info['torch']}  transformers "
-          f"{info['transformers']}  python {info['python']}  ({info['machine']}, "
-          f"{info['threads']} threads)")
-    print(f"CPU features: {info['cpu_features']}")
-    print(f"CPU kernel ISA: {info['isa_active']} (detected: {info['isa_detected']}; cap with "
-          "PYSPARSE_CPU_ISA=ref|avx2|avx512_vnni|amx)")
-    for name, what in info["kernels"].items():
-        print(f"  {name} kernel: {what}")
+    if args.model is not None:
+        from .io import read_manifest
+        from .report import summary
+        m = read_manifest(args.model)
+        info["model_dir"] = {"path": str(args.model), "class": m["model"]["class"],
+                             "saved_with": {k: m[k] for k in ("pysparse_version", "torch_version",
+                                                               "transformers_version")},
+                             "extra": m.get("extra", {}),
+                             "weights_bytes": m["weights"]["bytes"],
+                             "layers": {n: s["scheme"] for n, s in m["modules"].items()}}
+        if args.layers:
+            from .io import load
+            info["model_dir"]["summary"] = [r.__dict__ for r in summary(load(args.model))]
+    lines = [f"pysparse {info['pysparse']}  torch {info['torch']}  transformers "
+             f"{info['transformers']}  python {info['python']}  ({info['machine']}, "
+             f"{info['threads']} threads)",
+             f"CPU features: {info['cpu_features']}",
+             f"CPU kernel ISA: {info['isa_active']} (detected: {info['isa_detected']}; cap with "
+             "PYSPARSE_CPU_ISA=ref|avx2|avx512_vnni|amx)"]
+    lines += [f"  {name} kernel: {what}" for name, what in info["kernels"].items()]
     if info["forced_backend"]:
-        print(f"PYSPARSE_BACKEND forces: {info['forced_backend']}")
-    for name, b in info["backends"].items():
-        print(f"  {name:<10} {'yes' if b['usable'] else 'no ':<4} {b['why']}")
-    return 0
+        lines.append(f"PYSPARSE_BACKEND forces: {info['forced_backend']}")
+    lines += [f"  {name:<10} {'yes' if b['usable'] else 'no ':<4} {b['why']}"
+              for name, b in info["backends"].items()]
+    if "model_dir" in info:
+        d = info["model_dir"]
+        schemes = {}
+        for s in d["layers"].values():
+            schemes[s] = schemes.get(s, 0) + 1
+        lines.append(f"{d['path']}: {d['class']}, {d['weights_bytes'] / 1e6:.2f} MB on disk, "
+                     f"packed layers: {', '.join(f'{v} {k}' for k, v in schemes.items()) or 'none'}"
+                     f"; saved with pysparse {d['saved_with']['pysparse_version']}")
+        if d["extra"].get("recipe"):
+            lines.append(f"  recipe: {json.dumps(d['extra']['recipe'])}")
+        for r in d.get("summary", ()):
+            lines.append(f"  {r['name']:<48} {r['scheme']:<12} {r['weight_bytes']:>10} B  "
+                         f"sparsity {r['sparsity']:.2f}")
+    _emit(args, info, "\n".join(lines))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# demo
 
 
 def _demo(args):
     from . import demo
-    from .models import ModelNotInstalled
+    result, json_path, png_path = demo.run(args.out, n_texts=args.texts,
+                                           progress=not args.no_progress)
+    result = {**result, "json": str(json_path), "png": str(png_path) if png_path else None}
+    text = demo.format_table(result) + "\n" + (
+        f"wrote {json_path}" + (f" and {png_path}" if png_path else
+                                " (install matplotlib for the PNG chart)"))
+    _emit(args, result, text)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# compress
+
+
+def _compress(args):
+    from . import pipeline
+    from .io import save
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    _note(f"loading {args.model or 'the bundled all-MiniLM-L6-v2'}")
+    model, tok, source = pipeline.load_model(args.model)
+    calib = None
+    if args.calib is not None:
+        calib, _ = pipeline.read_texts(args.calib)
+        calib = calib[:args.calib_n]
+    elif args.calib_n != 128:
+        calib = pipeline.default_texts("calib", args.calib_n)
+    recipe = {k: getattr(args, k) for k in ("scheme", "prune", "pattern", "sparsity", "activation",
+                                             "smooth", "awq", "gptq", "group_size", "attention",
+                                             "max_fidelity_loss", "tokens")}
+    recipe["calib"] = str(args.calib) if args.calib else f"bundled ({args.calib_n} texts)"
+    done = pipeline.compress(model, tok, scheme=args.scheme, prune=args.prune,
+                             pattern=args.pattern, sparsity=args.sparsity, calib=calib,
+                             activation=args.activation, smooth=args.smooth, awq=args.awq,
+                             gptq=args.gptq, group_size=args.group_size,
+                             attention=args.attention, max_fidelity_loss=args.max_fidelity_loss,
+                             tokens=args.tokens, progress=progress)
+    out = save(model, args.out, tokenizer=tok, overwrite=args.overwrite,
+               extra={"source": source, "recipe": recipe,
+                      "steps": [{k: v for k, v in s.items() if k != "report"}
+                                for s in done["steps"]]})
+    result = {"out": str(out), "source": source, "recipe": recipe, **done,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    b = done["bytes"]
+    lines = [f"compressed {source} -> {out} in {result['seconds']:.1f} s"]
+    for s in done["steps"]:
+        counts = ", ".join(f"{v} {k}" for k, v in s.get("counts", {}).items())
+        lines.append(f"  {s['step']:<28} {s['seconds']:>7.1f} s  {counts}")
+    lines.append(f"  linear weights: {b['linear_before'] / 1e6:.2f} MB -> "
+                 f"{b['linear_after'] / 1e6:.2f} MB ({b['linear_before'] / max(b['linear_after'], 1):.2f}x smaller)")
+    lines.append(f"reload with pysparse.load({str(out)!r}); measure with `pysparse eval {out}`")
+    if args.verbose:
+        for s in done["steps"]:
+            if "report" in s:
+                lines.append(json.dumps(s["report"], indent=1))
+    _emit(args, result, "\n".join(lines))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def _eval(args):
+    from transformers import AutoTokenizer
+
+    from . import pipeline
+    from .io import load, read_manifest
+    manifest = read_manifest(args.dir)
+    model = load(args.dir)
+    tok_dir = Path(args.dir)
+    if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                 "vocab.txt")):
+        source = manifest.get("extra", {}).get("source")
+        if args.reference is None and source is None:
+            raise ValueError(f"{args.dir} has no tokenizer files and no recorded source model; "
+                             f"pass --reference MODEL_DIR")
+        tok_dir = Path(args.reference or source)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    if args.data is not None:
+        texts, labels = pipeline.read_texts(args.data)
+        texts = texts[:args.n] if args.n else texts
+        labels = labels[:len(texts)] if labels is not None else None
+        data_name = str(args.data)
+    else:
+        recs = pipeline.default_texts("eval", args.n or 256, sections=True)
+        texts, labels = [t for t, _ in recs], [s for _, s in recs]
+        data_name = f"bundled Debian descriptions ({len(texts)}, label = section)"
+    reference = None
+    ref_path = None if args.no_reference else (args.reference or
+                                               manifest.get("extra", {}).get("source"))
+    if ref_path is not None:
+        if (Path(ref_path) / "pysparse.json").exists():
+            reference = load(ref_path)
+        else:
+            reference, _, ref_path = pipeline.load_model(ref_path)
+    elif not args.no_reference:
+        _note("no reference model (none recorded, no --reference): accuracy only")
+    if reference is None and labels is None:
+        raise ValueError("nothing to measure: no reference model and the data has no labels")
+    res = pipeline.evaluate(model, tok, texts, reference=reference, labels=labels,
+                            batch_size=args.batch_size, max_length=args.max_length,
+                            progress=not args.no_progress)
+    res = {"dir": str(args.dir), "data": data_name, "reference": ref_path, **res}
+    lines = [f"{args.dir} on {data_name}" + (f", against {ref_path}" if ref_path else "")]
+    if "cosine" in res:
+        lines.append(f"  mean cosine vs reference  {res['cosine']:.5f}")
+    if "recall@10" in res:
+        lines.append(f"  recall@10 vs reference    {res['recall@10']:.4f}")
+    if "accuracy_model" in res:
+        lines.append(f"  accuracy ({res['accuracy_kind']})  {res['accuracy_model']:.4f}"
+                     + (f"  reference {res['accuracy_reference']:.4f}  retention "
+                        f"{res['accuracy_retention']:.2%}" if "accuracy_retention" in res else ""))
+    lines.append(f"  linear weights {res['linear_weight_bytes'] / 1e6:.2f} MB"
+                 + (f" (reference {res['reference_linear_weight_bytes'] / 1e6:.2f} MB)"
+                    if "reference_linear_weight_bytes" in res else ""))
+    _emit(args, res, "\n".join(lines))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+
+
+def _ints(text, what):
     try:
-        result, json_path, png_path = demo.run(args.out, n_texts=args.texts,
-                                               progress=not args.no_progress)
-    except ModelNotInstalled as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(demo.format_table(result))
-    print(f"wrote {json_path}" + (f" and {png_path}" if png_path else
-                                   " (install matplotlib for the PNG chart)"))
-    return 0
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers, got "
+                                         f"{text!r}") from None
+    if not vals or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"{what} must be positive integers, got {text!r}")
+    return vals
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="pysparse", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pi = sub.add_parser("info", help="CPU ISA found, backends usable (and why not), versions")
-    pi.add_argument("--json", action="store_true", help="machine-readable output")
-    pi.set_defaults(fn=_info)
-    pd = sub.add_parser("demo", help="MiniLM under each scheme: bytes, latency, fidelity")
+def _shapes(text):
+    out = []
+    for part in text.split(","):
+        try:
+            n, k = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shapes are NxK[,NxK...], got {part!r}") from None
+        if n <= 0 or k <= 0:
+            raise argparse.ArgumentTypeError(f"shapes must be positive, got {part!r}")
+        out.append((n, k))
+    return tuple(out)
+
+
+def _pairs(text):
+    out = []
+    for part in text.split(","):
+        try:
+            b, s = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"sizes are BATCHxSEQ[,...], got {part!r}") from None
+        if b <= 0 or s <= 0:
+            raise argparse.ArgumentTypeError(f"sizes must be positive, got {part!r}")
+        out.append((b, s))
+    return tuple(out)
+
+
+def _bench(args):
+    from . import benchmark
+    progress = not args.no_progress
+    if args.what == "kernels":
+        kw = {}
+        if args.shapes:
+            kw["shapes"] = args.shapes
+        if args.m:
+            kw["ms"] = args.m
+        if args.schemes:
+            kw["schemes"] = tuple(args.schemes.split(","))
+        res = benchmark.run_kernels(args.out, budget_s=args.budget, progress=progress, **kw)
+    else:
+        kw = {"shapes": args.sizes} if args.sizes else {}
+        res = benchmark.run_model(args.out, model_dir=args.model, progress=progress, **kw)
+    md = res.get("paths", {}).get("md") or res.get("md")
+    text = Path(md).read_text() if md and Path(md).exists() else json.dumps(res, indent=1,
+                                                                            default=str)
+    _emit(args, res, text + f"\nwrote {args.out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="pysparse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_, desc=None):
+        sp = sub.add_parser(name, help=help_, description=desc or help_)
+        sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    from .pipeline import PRUNE_METHODS, SCHEMES
+    pc = add("compress", _compress, "prune / quantize a model and save it (pysparse.save)",
+             "Compress MODEL (a local transformers directory; default: the bundled "
+             "all-MiniLM-L6-v2) and write it to --out; reload with pysparse.load(OUT).")
+    pc.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                    help="local model directory (default: bundled MiniLM)")
+    pc.add_argument("--scheme", default="w8a8", choices=SCHEMES,
+                    help="what replace_linear packs the linear layers into (default w8a8; "
+                         "fp32 keeps them float; auto measures per layer)")
+    pc.add_argument("--prune", choices=PRUNE_METHODS, default=None,
+                    help="pruning criterion (default magnitude when a 2:4 scheme or --pattern "
+                         "/ --sparsity asks for pruning)")
+    pc.add_argument("--pattern", default=None,
+                    help="2:4 (default for 2:4 schemes), another N:M, heads, neurons or layers")
+    pc.add_argument("--sparsity", type=float, default=None,
+                    help="fraction removed: unstructured (no --pattern) or heads/neurons/layers")
+    pc.add_argument("--calib", type=Path, default=None,
+                    help="calibration texts (.txt lines or .jsonl 'text'); default: bundled "
+                         "Debian descriptions disjoint from eval's")
+    pc.add_argument("--calib-n", type=int, default=128, help="calibration texts used (128)")
+    pc.add_argument("--activation", choices=("dynamic", "static"), default="dynamic",
+                    help="w8a8 activation scales: per token at run time, or calibrated static")
+    pc.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                    help="SmoothQuant migration strength before w8a8 (e.g. 0.5)")
+    pc.add_argument("--awq", action="store_true", help="AWQ scaling before w4 / w8")
+    pc.add_argument("--gptq", action="store_true", help="GPTQ weights for w4 / w8")
+    pc.add_argument("--group-size", type=int, default=128, help="w4 group size (128)")
+    pc.add_argument("--attention", action="store_true",
+                    help="also run attention on pysparse's fused kernel")
+    pc.add_argument("--max-fidelity-loss", type=float, default=None,
+                    help="scheme auto: per-layer relative error budget")
+    pc.add_argument("--tokens", type=lambda t: _ints(t, "--tokens"), default=None,
+                    help="scheme auto: token counts to optimise for, e.g. 128,4096")
+    pc.add_argument("--out", type=Path, required=True, help="output directory")
+    pc.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty directory that holds no pysparse save")
+    pc.add_argument("--verbose", action="store_true", help="print every step's per-layer report")
+    pc.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    pe = add("eval", _eval, "fidelity (and accuracy, for labelled data) of a saved model",
+             "Load DIR (pysparse.save) and measure: mean cosine and recall@10 of sentence "
+             "embeddings against the reference (the model it was compressed from, or "
+             "--reference), and accuracy when the data has labels.")
+    pe.add_argument("dir", type=Path, metavar="DIR", help="a directory written by pysparse")
+    pe.add_argument("--data", type=Path, default=None,
+                    help=".txt or .jsonl ('text', optional 'label'); default: 256 bundled "
+                         "Debian descriptions labelled with their section")
+    pe.add_argument("--n", type=int, default=None, help="use the first N texts")
+    pe.add_argument("--reference", default=None, metavar="MODEL_DIR",
+                    help="reference model directory (default: the recorded source)")
+    pe.add_argument("--no-reference", action="store_true", help="accuracy only")
+    pe.add_argument("--batch-size", type=int, default=32)
+    pe.add_argument("--max-length", type=int, default=128)
+    pe.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    pb = add("bench", _bench, "kernel or model speed: Markdown + JSON report and PNG charts",
+             "kernels: packed linear layers vs torch fp32 over M, with the floor; model: "
+             "latency of a saved model (or the bundled MiniLM under each scheme) vs fp32.")
+    pb.add_argument("what", choices=("kernels", "model"), help="what to measure")
+    pb.add_argument("--model", type=Path, default=None, help="(model) a pysparse directory")
+    pb.add_argument("--shapes", type=_shapes, default=None, help="(kernels) NxK[,NxK...]")
+    pb.add_argument("--m", type=lambda t: _ints(t, "--m"), default=None,
+                    help="(kernels) token counts, e.g. 1,16,128")
+    pb.add_argument("--schemes", default=None, help="(kernels) e.g. w8a8,2:4+w8a8")
+    pb.add_argument("--sizes", type=_pairs, default=None, help="(model) BATCHxSEQ[,...]")
+    pb.add_argument("--budget", type=float, default=0.2, help="(kernels) seconds per timing")
+    pb.add_argument("--out", type=Path, default=Path("pysparse-bench"), help="report directory")
+    pb.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    pi = add("info", _info, "CPU ISA found, backends usable (and why not), versions; a saved "
+             "model's contents")
+    pi.add_argument("--model", type=Path, default=None, help="describe a pysparse directory")
+    pi.add_argument("--layers", action="store_true", help="with --model: per-layer summary")
+
+    pd = add("demo", _demo, "MiniLM under each scheme: bytes, latency, fidelity")
     pd.add_argument("--out", default="pysparse-demo", help="directory for demo.json / demo.png")
     pd.add_argument("--texts", type=int, default=256, help="texts for fidelity (>= 11)")
     pd.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pd.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
     if getattr(args, "texts", 11) < 11:
         p.error("--texts must be at least 11 (recall@10 needs more than 10 neighbours)")
+    for name in ("calib_n", "n", "batch_size", "max_length", "group_size"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    from .io import FormatError
+    from .models import ModelNotInstalled
     try:
         return args.fn(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError, FormatError,
+            ModelNotInstalled) as exc:
+        if os.environ.get("PYSPARSE_DEBUG"):
+            raise
+        msg = str(exc)
+        print(f"error: {msg if msg.startswith('pysparse') else 'pysparse ' + args.cmd + ': ' + msg}",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
