@@ -1,4 +1,4 @@
-"""The `pysparse` command: compress, eval, bench, info, demo.
+"""The `pysparse` command: compress, eval, export, bench, info, demo.
 
 Every command takes --help; --json prints one JSON document on stdout (progress bars and notes go
 to stderr). Exit codes: 0 done, 1 the input was refused (the message says why; no traceback),
@@ -221,6 +221,38 @@ def _eval(args):
 
 
 # --------------------------------------------------------------------------------------------
+# export
+
+
+def _export(args):
+    from .export import export_compressed_tensors, export_onnx
+    from .io import load
+    model = load(args.dir, backend="reference" if args.to == "onnx" else None)
+    if args.to == "compressed-tensors":
+        tok = None
+        if any((Path(args.dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(args.dir)
+        qc = export_compressed_tensors(model, args.out, tokenizer=tok)
+        res = {"to": args.to, "out": str(args.out), "quantization_config": qc}
+        text = (f"wrote {args.out} (compressed-tensors, format {qc.get('format')}); load it with "
+                f"vLLM or transformers' compressed-tensors integration")
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.dir)
+        out = Path(args.out)
+        if out.suffix != ".onnx":
+            out = out / "model.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, out, tokenizer=tok,
+                    unsupported="error" if args.strict else "dequantize")
+        res = {"to": args.to, "out": str(out), "bytes": out.stat().st_size}
+        text = f"wrote {out} ({res['bytes'] / 1e6:.2f} MB, int8 weights as QDQ)"
+    _emit(args, res, text)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 # bench
 
 
@@ -365,6 +397,16 @@ def _parser():
     pb.add_argument("--budget", type=float, default=0.2, help="(kernels) seconds per timing")
     pb.add_argument("--out", type=Path, default=Path("pysparse-bench"), help="report directory")
     pb.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    px = add("export", _export, "a saved model to compressed-tensors (vLLM) or ONNX (QDQ)",
+             "Export DIR (pysparse.save) to the compressed-tensors layout (int8 channel-wise "
+             "weights + scales; w4 pack-quantized) or to ONNX with int8 QDQ weights.")
+    px.add_argument("dir", type=Path, metavar="DIR", help="a directory written by pysparse")
+    px.add_argument("--to", choices=("compressed-tensors", "onnx"), required=True)
+    px.add_argument("--out", type=Path, required=True, help="directory (or .onnx file)")
+    px.add_argument("--strict", action="store_true",
+                    help="(onnx) refuse layers with no int8 QDQ form instead of writing them as "
+                         "float weights")
 
     pi = add("info", _info, "CPU ISA found, backends usable (and why not), versions; a saved "
              "model's contents")

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -97,6 +98,13 @@ def test_compress_eval_round_trip(tmp_path, tiny_dir, labelled, capsys):
     ev = _json(capsys)
     assert ev["texts"] == 40 and 0.95 < ev["cosine"] <= 1.0 + 1e-6 and ev["recall@10"] > 0.5
     assert 0 <= ev["accuracy_model"] <= 1 and "accuracy_retention" in ev
+    assert cli.main(["export", str(out), "--to", "compressed-tensors", "--out",
+                     str(tmp_path / "ct"), "--json"]) == 0
+    assert _json(capsys)["quantization_config"]["quant_method"] == "compressed-tensors"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert cli.main(["export", str(out), "--to", "onnx", "--out", str(tmp_path / "onnx"),
+                         "--json"]) == 0
+        assert _json(capsys)["bytes"] > 1000
     assert cli.main(["info", "--model", str(out), "--json"]) == 0
     info = _json(capsys)
     assert set(info["model_dir"]["layers"].values()) == {"w8a8"}
@@ -154,7 +162,7 @@ def test_cli_usage_errors_exit_2(argv):
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("cmd", ["compress", "eval", "bench", "info", "demo"])
+@pytest.mark.parametrize("cmd", ["compress", "eval", "export", "bench", "info", "demo"])
 def test_help_everywhere(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([cmd, "--help"])
