@@ -5,6 +5,7 @@ to stderr). Exit codes: 0 done, 1 the input was refused (the message says why; n
 2 bad command line, 130 interrupted. PYSPARSE_DEBUG=1 shows the traceback of a refused input.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -125,16 +126,42 @@ def _compress(args):
         calib = calib[:args.calib_n]
     elif args.calib_n != 128:
         calib = pipeline.default_texts("calib", args.calib_n)
+    train = None
+    if args.train is not None:
+        train, _ = pipeline.read_texts(args.train)
+    distill_options = {}
+    if args.quick:
+        distill_options.update(max_steps=8, batch_size=8)
+        if args.calib is None and args.calib_n == 128:
+            calib = pipeline.default_texts("calib", 16)
+            args.calib_n = 16
+        if train is None:
+            train = pipeline.default_texts("train", 64)
+    if args.distill_steps is not None:
+        distill_options["max_steps"] = args.distill_steps
+    if args.distill_lr is not None:
+        distill_options["learning_rate"] = args.distill_lr
+    if args.bf16:
+        distill_options["bf16"] = True
     recipe = {k: getattr(args, k) for k in ("scheme", "prune", "pattern", "sparsity", "activation",
                                              "smooth", "awq", "gptq", "group_size", "attention",
-                                             "max_fidelity_loss", "tokens")}
+                                             "max_fidelity_loss", "tokens", "share", "distill",
+                                             "quick")}
+    if args.distill:
+        recipe["distill_options"] = {**pipeline.DISTILL_DEFAULTS, **distill_options}
+        recipe["train"] = str(args.train) if args.train else "bundled train split"
+        if not args.no_progress:
+            _note("distilling from the uncompressed model (pysparse.distill); --quick for a "
+                  "smoke run, --distill-steps N to trade time for fidelity")
     recipe["calib"] = str(args.calib) if args.calib else f"bundled ({args.calib_n} texts)"
-    done = pipeline.compress(model, tok, scheme=args.scheme, prune=args.prune,
-                             pattern=args.pattern, sparsity=args.sparsity, calib=calib,
-                             activation=args.activation, smooth=args.smooth, awq=args.awq,
-                             gptq=args.gptq, group_size=args.group_size,
-                             attention=args.attention, max_fidelity_loss=args.max_fidelity_loss,
-                             tokens=args.tokens, progress=progress)
+    with contextlib.redirect_stdout(sys.stderr):  # training logs must not mix with --json
+        done = pipeline.compress(
+            model, tok, scheme=args.scheme, prune=args.prune, pattern=args.pattern,
+            sparsity=args.sparsity, calib=calib, activation=args.activation, smooth=args.smooth,
+            awq=args.awq, gptq=args.gptq, group_size=args.group_size, attention=args.attention,
+            max_fidelity_loss=args.max_fidelity_loss, tokens=args.tokens, share=args.share,
+            distill=args.distill, train=train, distill_options=distill_options,
+            progress=progress)
     out = save(model, args.out, tokenizer=tok, overwrite=args.overwrite,
                extra={"source": source, "recipe": recipe,
                       "steps": [{k: v for k, v in s.items() if k != "report"}
@@ -362,6 +389,17 @@ def _parser():
                     help="scheme auto: per-layer relative error budget")
     pc.add_argument("--tokens", type=lambda t: _ints(t, "--tokens"), default=None,
                     help="scheme auto: token counts to optimise for, e.g. 128,4096")
+    pc.add_argument("--share", type=int, default=None, metavar="K",
+                    help="tie every K consecutive transformer blocks (ALBERT-style)")
+    pc.add_argument("--distill", action="store_true",
+                    help="after pruning / sharing, distill from the uncompressed model")
+    pc.add_argument("--train", type=Path, default=None,
+                    help="distillation texts (.txt / .jsonl); default: bundled train split")
+    pc.add_argument("--distill-steps", type=int, default=None, help="optimizer steps (300)")
+    pc.add_argument("--distill-lr", type=float, default=None, help="learning rate (1e-4)")
+    pc.add_argument("--bf16", action="store_true", help="distill under bf16 autocast")
+    pc.add_argument("--quick", action="store_true",
+                    help="smoke-test sizes: 16 calibration texts, 8 distillation steps")
     pc.add_argument("--out", type=Path, required=True, help="output directory")
     pc.add_argument("--overwrite", action="store_true",
                     help="write into a non-empty directory that holds no pysparse save")
@@ -425,7 +463,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if getattr(args, "texts", 11) < 11:
         p.error("--texts must be at least 11 (recall@10 needs more than 10 neighbours)")
-    for name in ("calib_n", "n", "batch_size", "max_length", "group_size"):
+    for name in ("calib_n", "n", "batch_size", "max_length", "group_size", "distill_steps",
+                 "share"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")

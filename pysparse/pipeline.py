@@ -26,19 +26,29 @@ from .report import cosine_fidelity, linear_weight_bytes, recall_at_k
 
 SCHEMES = ("fp32", "w8a8", "2:4", "2:4+w8a8", "w8", "w4", "auto")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "random")
-_EVAL_SEED, _EVAL_N = 20261122, 256
+_EVAL_SEED, _EVAL_N, _CALIB_N = 20261122, 256, 512
+# pysparse.distill settings of `compress --distill` (bench/RESULTS.md has what they give)
+DISTILL_DEFAULTS = {"max_steps": 300, "learning_rate": 1e-4, "batch_size": 32,
+                    "losses": {"embedding": 1.0, "hidden": 1.0}, "bf16": False}
 
 
-def default_texts(kind: str, n: int, sections: bool = False):
-    """Bundled Debian descriptions: ``kind="eval"`` are the first ``n`` of one fixed shuffle,
-    ``kind="calib"`` come after the first 256 of it, so the two never overlap for n <= 256."""
+def default_texts(kind: str, n: int | None, sections: bool = False):
+    """Bundled Debian descriptions from one fixed shuffle: ``kind="eval"`` are its first 256
+    (the first ``n`` of them), ``"calib"`` the next 512, ``"train"`` the rest (3232 texts, for
+    distillation); the three never overlap. n=None: all of the kind."""
     from .data import load_descriptions
-    if kind == "eval":
-        recs = load_descriptions(n, seed=_EVAL_SEED, sections=True)
-    elif kind == "calib":
-        recs = load_descriptions(_EVAL_N + n, seed=_EVAL_SEED, sections=True)[_EVAL_N:]
-    else:
-        raise ValueError(f"pysparse: default_texts kind must be 'eval' or 'calib', got {kind!r}")
+    spans = {"eval": (0, _EVAL_N), "calib": (_EVAL_N, _EVAL_N + _CALIB_N), "train":
+             (_EVAL_N + _CALIB_N, None)}
+    if kind not in spans:
+        raise ValueError(f"pysparse: default_texts kind must be one of {sorted(spans)}, got "
+                         f"{kind!r}")
+    lo, hi = spans[kind]
+    recs = load_descriptions(seed=_EVAL_SEED, sections=True)[lo:hi]
+    if n is not None:
+        if n > len(recs):
+            raise ValueError(f"pysparse: the bundled {kind} split has {len(recs)} texts, "
+                             f"{n} asked for")
+        recs = recs[:n]
     return recs if sections else [t for t, _ in recs]
 
 
@@ -121,7 +131,8 @@ def compress(model, tokenizer, *, scheme: str = "w8a8", prune: str | None = None
              activation: str = "dynamic", smooth: float | None = None, awq: bool = False,
              gptq: bool = False, group_size: int = 128, symmetric: bool | None = None,
              attention: bool = False, max_fidelity_loss: float | None = None,
-             tokens=None, progress: bool = True) -> dict:
+             tokens=None, share: int | None = None, distill: bool = False,
+             train=None, distill_options: dict | None = None, progress: bool = True) -> dict:
     """Run the recipe on ``model`` in place; returns {"steps": [...], "bytes": {...}}.
 
     scheme: one of SCHEMES ("fp32" replaces nothing). prune: a method of ``pysparse.prune``;
@@ -131,7 +142,11 @@ def compress(model, tokenizer, *, scheme: str = "w8a8", prune: str | None = None
     descriptions disjoint from the default evaluation texts). activation "static" calibrates
     (asymmetric unless symmetric=True) and uses static W8A8. smooth: SmoothQuant alpha.
     awq / gptq: AWQ scaling and GPTQ for "w4" / "w8". attention: also replace_attention.
-    max_fidelity_loss / tokens: options of scheme "auto".
+    max_fidelity_loss / tokens: options of scheme "auto". share: tie every ``share``
+    consecutive blocks (``distill.share_layers``). distill: after pruning / sharing, distill the
+    model from a copy of itself as it was before (``pysparse.distill``) on ``train`` texts
+    (default: the bundled descriptions outside the evaluation and calibration splits);
+    distill_options go to ``pysparse.distill`` (e.g. max_steps, learning_rate, batch_size).
     """
     from .prune import prune as _prune_fn
     from .quant.awq import awq_smooth
@@ -162,6 +177,12 @@ def compress(model, tokenizer, *, scheme: str = "w8a8", prune: str | None = None
         calib = default_texts("calib", 128)
     steps = []
     before = linear_weight_bytes(model)
+    teacher = None
+    if distill:
+        import copy
+        teacher = copy.deepcopy(model).eval()
+        if train is None:
+            train = default_texts("train", None)
     bits = 4 if scheme == "w4" else 8
     sym = (scheme != "w4" and activation != "static") if symmetric is None else symmetric
     if prune is not None:
@@ -169,6 +190,19 @@ def compress(model, tokenizer, *, scheme: str = "w8a8", prune: str | None = None
         if prune in ("wanda", "sparsegpt", "taylor"):
             kw.update(calib=calib, tokenizer=tokenizer)
         _step(steps, f"prune {prune} {pattern or sparsity}", _prune_fn, model, **kw)
+    if share is not None:
+        from .distill import share_layers
+        _step(steps, f"share every {share}", share_layers, model, every=share)
+    if distill:
+        import tempfile
+
+        from .distill import distill as _distill
+        opts = {"output_dir": tempfile.mkdtemp(prefix="pysparse-distill-"), **DISTILL_DEFAULTS,
+                **(distill_options or {})}
+        res = _step(steps, "distill", _distill, model, teacher, train, tokenizer,
+                    progress=progress, **opts)
+        steps[-1].update(distill={k: v for k, v in res.to_dict().items() if k != "history"})
+        del teacher
     if smooth is not None:
         _step(steps, f"smooth alpha={smooth}", _smooth, model, calib, alpha=smooth,
               tokenizer=tokenizer, progress=progress)

@@ -120,6 +120,10 @@ def test_compress_eval_round_trip(tmp_path, tiny_dir, labelled, capsys):
      ["awq", "gptq", "replace_linear w4"]),
     (["--scheme", "fp32", "--pattern", "heads", "--sparsity", "0.25"],
      ["prune magnitude heads"]),
+    (["--scheme", "2:4+w8a8", "--prune", "sparsegpt", "--distill", "--quick"],
+     ["prune sparsegpt 2:4", "distill", "replace_linear 2:4+w8a8"]),
+    (["--scheme", "w8a8", "--share", "2", "--distill", "--quick", "--distill-steps", "3"],
+     ["share every 2", "distill", "replace_linear w8a8"]),
 ])
 def test_compress_recipes(tmp_path, tiny_dir, labelled, capsys, argv, steps):
     import pysparse

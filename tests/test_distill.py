@@ -1,0 +1,320 @@
+"""Distillation losses against hand formulas, the Trainer-based distill() on tiny models (masks
+kept, teacher untouched, resumable, labels), cross-layer sharing, and a 2-process torchrun run."""
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pysparse
+from pysparse.distill import (HiddenProjection, attention_kl, default_layer_map, distill,
+                              embedding_loss, hidden_mse, logit_kd, share_layers)
+from pysparse.formats.sparse24 import is_24
+from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_logit_kd_formula(T, alpha):
+    s, t = torch.randn(7, 5), torch.randn(7, 5)
+    y = torch.randint(0, 5, (7,))
+    kl = (F.softmax(t / T, -1) * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1)
+    want = alpha * T * T * kl.mean() + (1 - alpha) * F.cross_entropy(s, y)
+    torch.testing.assert_close(logit_kd(s, t, y, temperature=T, alpha=alpha), want)
+    torch.testing.assert_close(logit_kd(s, t, temperature=T), T * T * kl.mean())
+
+
+def test_logit_kd_masks_and_gradients():
+    s = torch.randn(2, 6, 11, requires_grad=True)
+    t = torch.randn(2, 6, 11)
+    y = torch.randint(0, 11, (2, 6))
+    y[0, 4:] = -100
+    full = logit_kd(s, t, y, alpha=0.5)
+    t2 = t.clone()
+    t2[0, 4:] = 100 * torch.randn(2, 11)  # ignored positions: changing them changes nothing
+    torch.testing.assert_close(logit_kd(s, t2, y, alpha=0.5), full)
+    full.backward()
+    assert s.grad is not None and s.grad[0, 4:].abs().max() == 0
+    assert float(logit_kd(t, t)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        logit_kd(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="temperature"):
+        logit_kd(t, t, temperature=0)
+    with pytest.raises(ValueError, match="alpha"):
+        logit_kd(t, t, alpha=1.5)
+
+
+def test_hidden_mse_formula_mask_and_projection():
+    sh = [torch.randn(2, 5, 8) for _ in range(3)]
+    th = [torch.randn(2, 5, 8) for _ in range(5)]
+    lm = [(0, 0), (1, 2), (2, 4)]
+    want = sum(((sh[i] - th[j]) ** 2).mean() for i, j in lm) / 3
+    torch.testing.assert_close(hidden_mse(sh, th, lm), want)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    th2 = [h.clone() for h in th]
+    for h in th2:
+        h[1, 3:] += 50  # padding: ignored under the mask
+    torch.testing.assert_close(hidden_mse(sh, th2, lm, mask), hidden_mse(sh, th, lm, mask))
+    proj = HiddenProjection(6, 8, len(lm))
+    s6 = [torch.randn(2, 5, 6) for _ in range(3)]
+    loss = hidden_mse(s6, th, lm, projection=proj)
+    loss.backward()
+    assert all(p.grad is not None for p in proj.parameters())
+    with pytest.raises(ValueError, match="HiddenProjection"):
+        hidden_mse(s6, th, lm)
+    with pytest.raises(ValueError, match="out of range"):
+        hidden_mse(sh, th, [(3, 0)])
+    assert len(list(HiddenProjection(8, 8, 3).parameters())) == 0
+
+
+def test_attention_kl():
+    a = torch.softmax(torch.randn(2, 4, 6, 6), -1)
+    b = torch.softmax(torch.randn(2, 4, 6, 6), -1)
+    assert float(attention_kl([a], [a], [(0, 0)])) == pytest.approx(0.0, abs=1e-6)
+    want = (b * (b.log() - a.log())).sum(-1).mean()
+    torch.testing.assert_close(attention_kl([a], [b], [(0, 0)]), want)
+    c = torch.softmax(torch.randn(2, 2, 6, 6), -1)  # fewer heads (head-pruned student)
+    am, cm = a.mean(1, keepdim=True), c.mean(1, keepdim=True)
+    torch.testing.assert_close(attention_kl([c], [a], [(0, 0)]),
+                               (am * (am.log() - cm.log())).sum(-1).mean())
+    with pytest.raises(ValueError, match="missing"):
+        attention_kl([None], [a], [(0, 0)])
+
+
+def test_embedding_loss():
+    s, t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    mask = torch.ones(3, 5)
+    mask[0, 2:] = 0
+    ps = (s * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    pt = (t * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(embedding_loss(s, t, mask),
+                               (1 - F.cosine_similarity(ps, pt, dim=-1)).mean())
+    assert float(embedding_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(embedding_loss(s, t, mask, kind="mse")) > 0
+    with pytest.raises(ValueError, match="kind"):
+        embedding_loss(s, t, kind="l1")
+
+
+def test_default_layer_map():
+    assert default_layer_map(3, 6) == [(0, 0), (1, 2), (2, 4), (3, 6)]
+    assert default_layer_map(6, 6) == [(i, i) for i in range(7)]
+    with pytest.raises(ValueError):
+        default_layer_map(0, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# sharing
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2, tiny_llama])
+def test_share_layers(make, tmp_path):
+    model = make()
+    base = copy.deepcopy(model)
+    n0 = sum(p.numel() for p in model.parameters())
+    groups = share_layers(model, every=2)
+    assert groups == [[0, 1]]
+    from pysparse.prune import structured
+    blocks = structured._blocks(model, structured._family(model))[2]
+    assert blocks[0] is blocks[1]
+    n1 = sum(p.numel() for p in model.parameters())
+    assert n1 < n0
+    # mean init: a shared parameter is the average of the two originals
+    (name, p), = [(n, p) for n, p in model.named_parameters() if n.endswith("0.mlp.c_fc.weight")
+                  or n.endswith("0.intermediate.dense.weight")
+                  or n.endswith("0.mlp.gate_proj.weight")]
+    other = dict(base.named_parameters())
+    torch.testing.assert_close(p, (other[name] + other[name.replace(".0.", ".1.")]) / 2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    kw = {"use_cache": False} if make is not tiny_bert else {}
+    with torch.inference_mode():
+        ref = model(input_ids=ids, **kw)[0]
+    pysparse.save(model, tmp_path)
+    loaded = pysparse.load(tmp_path)
+    assert sum(p.numel() for p in loaded.parameters()) == n1
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids, **kw)[0], ref)
+
+
+def test_share_layers_errors():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="exactly one"):
+        share_layers(model)
+    with pytest.raises(ValueError, match="every"):
+        share_layers(model, every=5)
+    with pytest.raises(ValueError, match="disjoint"):
+        share_layers(model, groups=[[0, 1], [1]])
+    share_layers(model, groups=[[0, 1]])
+    with pytest.raises(ValueError, match="already shared"):
+        share_layers(model, groups=[[0, 1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# distill() on tiny models
+
+
+class _Ids(torch.utils.data.Dataset):
+    def __init__(self, n, vocab, seq=12, labels=None):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, vocab, (n, seq), generator=g)
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        item = {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def _pair():
+    teacher = tiny_bert()
+    student = copy.deepcopy(teacher)
+    pysparse.prune(student, pattern="2:4", progress=False)
+    return student, teacher
+
+
+def test_distill_reduces_loss_keeps_masks_and_teacher(tmp_path):
+    student, teacher = _pair()
+    t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {n: m.weight.detach().clone() for n, m in student.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    res = distill(student, teacher, _Ids(64, 128), output_dir=tmp_path, max_steps=24,
+                  batch_size=8, learning_rate=3e-3, logging_steps=4, progress=False,
+                  losses={"hidden": 1.0, "embedding": 1.0, "attention": 0.5})
+    assert res.steps == 24 and set(res.losses) == {"hidden", "embedding", "attention"}
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    for n, m in student.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert is_24(m.weight.detach()), n                  # masks enforced
+            assert not torch.equal(m.weight.detach(), before[n]) or "pooler" in n
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_state.items())
+    assert not student.training and student.config._attn_implementation != "eager"
+    assert not hasattr(student, "pysparse_distill_projection")
+
+
+def test_distill_resume(tmp_path):
+    student, teacher = _pair()
+    distill(student, teacher, _Ids(32, 128), output_dir=tmp_path, max_steps=4, batch_size=8,
+            save_steps=2, progress=False)
+    assert (tmp_path / "checkpoint-4").is_dir()
+    student2, _ = _pair()
+    res = distill(student2, teacher, _Ids(32, 128), output_dir=tmp_path, max_steps=6,
+                  batch_size=8, save_steps=2, resume=True, progress=False)
+    assert res.steps == 6 and len([h for h in res.history]) <= 6
+
+
+def test_distill_classifier_with_labels_and_texts(tmp_path):
+    import transformers
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=128, num_labels=3,
+                                  max_position_embeddings=32)
+    teacher = transformers.BertForSequenceClassification(cfg).eval()
+    student = copy.deepcopy(teacher)
+    labels = [i % 3 for i in range(48)]
+    res = distill(student, teacher, _Ids(48, 128, labels=labels), output_dir=tmp_path,
+                  max_steps=6, batch_size=8, progress=False)
+    assert set(res.losses) == {"logits"} and res.steps == 6
+
+
+def test_distill_smaller_student_and_width_projection(tmp_path):
+    """3 of 6 blocks kept (layer pruning) -> uniform map; a narrower student gets a projection."""
+    import transformers
+    teacher = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=32)).eval()
+    student = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=128, max_position_embeddings=32))
+    res = distill(student, teacher, _Ids(32, 128), output_dir=tmp_path, max_steps=3,
+                  batch_size=8, losses={"hidden": 1.0}, progress=False)
+    assert res.steps == 3 and not hasattr(student, "pysparse_distill_projection")
+
+
+def test_distill_errors(tmp_path):
+    student, teacher = _pair()
+    with pytest.raises(ValueError, match="same object"):
+        distill(teacher, teacher, ["a"], object(), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown loss"):
+        distill(student, teacher, _Ids(8, 128), output_dir=tmp_path, losses={"l2": 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        distill(student, teacher, _Ids(8, 128), output_dir=tmp_path,
+                losses={"hidden": math.nan})
+    with pytest.raises(ValueError, match="empty"):
+        distill(student, teacher, [], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="tokenizer"):
+        distill(student, teacher, ["text"], output_dir=tmp_path)
+    with pytest.raises(TypeError, match="transformers model"):
+        distill(torch.nn.Linear(2, 2), teacher, _Ids(8, 128), output_dir=tmp_path)
+
+
+def test_distill_bf16_autocast(tmp_path):
+    student, teacher = _pair()
+    res = distill(student, teacher, _Ids(16, 128), output_dir=tmp_path, max_steps=2,
+                  batch_size=8, bf16=True, progress=False)
+    assert res.steps == 2
+    assert next(student.parameters()).dtype == torch.float32  # autocast, master weights fp32
+
+
+@pytest.mark.slow
+def test_distill_torchrun_two_processes(tmp_path):
+    """The distributed path: torchrun, 2 CPU processes, gloo; both ranks end with the same
+    student weights (DDP averaged the gradients) and the 2:4 masks."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import copy, os, torch, pysparse
+        from pysparse.distill import distill
+        from pysparse.formats.sparse24 import is_24
+        from pysparse.testing.models import tiny_bert
+        sys_path = {str(os.path.dirname(__file__))!r}
+        import sys; sys.path.insert(0, sys_path)
+        from test_distill import _Ids
+        torch.manual_seed(0)
+        teacher = tiny_bert()
+        student = copy.deepcopy(teacher)
+        pysparse.prune(student, pattern="2:4", progress=False)
+        res = distill(student, teacher, _Ids(32, 128), output_dir={str(tmp_path / 'out')!r},
+                      max_steps=4, batch_size=4, progress=False)
+        rank = int(os.environ["RANK"])
+        assert torch.distributed.get_world_size() == 2
+        assert all(is_24(m.weight.detach()) for n, m in student.named_modules()
+                   if isinstance(m, torch.nn.Linear))
+        torch.save({{k: v for k, v in student.state_dict().items()}},
+                   {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+        print("rank", rank, "steps", res.steps)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", str(script)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "steps 4" in proc.stdout
+
+
+def test_distill_shared_layers_checkpoints_and_resume(tmp_path):
+    """save_pretrained refuses shared blocks; the checkpoints of a shared model still round-trip."""
+    teacher = tiny_bert()
+    student = copy.deepcopy(teacher)
+    share_layers(student, every=2)
+    distill(student, teacher, _Ids(16, 128), output_dir=tmp_path, max_steps=2, batch_size=8,
+            save_steps=2, progress=False)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    res = distill(student, teacher, _Ids(16, 128), output_dir=tmp_path, max_steps=3,
+                  batch_size=8, save_steps=2, resume=True, progress=False)
+    assert res.steps == 3
+    blocks = student.encoder.layer
+    assert blocks[0] is blocks[1]
