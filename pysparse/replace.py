@@ -122,7 +122,13 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
     filter_fn(module, name) -> bool. backend: None (auto), "cpu" or "reference".
     Returns a Report listing every linear layer as replaced or skipped (with the reason).
     Validates every selected layer before changing any, so an error leaves the model untouched.
+    scheme="auto": per layer, the fastest scheme (or dense) within ``max_fidelity_loss`` (default
+    0.02 relative output error), measured on this machine; see ``pysparse.auto.replace_auto``.
     """
+    if scheme == "auto":
+        from .auto import replace_auto
+        return replace_auto(model, include=include, exclude=exclude, filter_fn=filter_fn,
+                            backend=backend, activation=activation, **options)
     if scheme not in SCHEMES:
         raise ValueError(f"pysparse.replace_linear: unknown scheme {scheme!r}; choose one of "
                          f"{', '.join(map(repr, SCHEMES))}")
