@@ -203,3 +203,14 @@ def test_compress_minilm_default(tmp_path, minilm, capsys):
     ev = _json(capsys)
     assert ev["cosine"] > 0.995 and ev["recall@10"] > 0.85
     assert ev["accuracy_retention"] > 0.9
+
+
+def test_bench_kernels_cli(tmp_path, capsys):
+    assert cli.main(["bench", "kernels", "--shapes", "64x64", "--m", "1,3", "--schemes",
+                     "w8a8,2:4+w8a8", "--budget", "0.01", "--out", str(tmp_path),
+                     "--no-progress", "--json"]) == 0
+    res = _json(capsys)
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+    rows = res["rows"]
+    assert {r["scheme"] for r in rows} == {"w8a8", "2:4+w8a8"} and len(rows) == 4
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
