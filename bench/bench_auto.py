@@ -106,7 +106,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds-b1", type=int, default=40)
     ap.add_argument("--rounds-b32", type=int, default=10)
-    ap.add_argument("--max-fidelity-loss", type=float, default=0.02)
+    ap.add_argument("--max-fidelity-loss", type=float, default=0.05)
     ap.add_argument("--cache", help="timing cache dir (default: a fresh temporary one, so "
                                     "auto measures this run)")
     args = ap.parse_args(argv)

@@ -123,7 +123,7 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
     Returns a Report listing every linear layer as replaced or skipped (with the reason).
     Validates every selected layer before changing any, so an error leaves the model untouched.
     scheme="auto": per layer, the fastest scheme (or dense) within ``max_fidelity_loss`` (default
-    0.02 relative output error), measured on this machine; see ``pysparse.auto.replace_auto``.
+    0.05 relative output error), measured on this machine; see ``pysparse.auto.replace_auto``.
     """
     if scheme == "auto":
         from .auto import replace_auto
