@@ -84,6 +84,8 @@ class MaskEnforcer:
 
     def _grad_hook(self, name):
         def hook(grad):
+            if grad is None:  # DDP with find_unused_parameters passes None for unused weights
+                return None
             return grad.masked_fill(~self._mask_on(name, grad.device), 0)
         return hook
 
