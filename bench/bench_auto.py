@@ -33,27 +33,12 @@ import torch  # noqa: E402
 
 import pysparse  # noqa: E402
 from pysparse import auto  # noqa: E402
+from pysparse.benchmark import cpu_model, full_batch  # noqa: E402
 from pysparse.data import load_descriptions  # noqa: E402
 from pysparse.models import embed, load_minilm  # noqa: E402
 from pysparse.report import cosine_fidelity  # noqa: E402
 
 SHAPES = ((1, 128), (32, 128))
-
-
-def full_batch(tok, texts, b, s):
-    """b rows of exactly s real tokens (consecutive texts joined, then truncated)."""
-    rows, i = [], 0
-    for _ in range(b):
-        cur = texts[i % len(texts)]
-        i += 1
-        while len(tok(cur, verbose=False)["input_ids"]) < s:
-            cur += " " + texts[i % len(texts)]
-            i += 1
-        rows.append(cur)
-    feed = dict(tok(rows, padding="max_length", truncation=True, max_length=s,
-                    return_tensors="pt"))
-    assert feed["attention_mask"].all()
-    return feed
 
 
 def interleaved_ms(models: dict, feed, rounds):
@@ -133,7 +118,7 @@ def main(argv=None):
     statics["2:4+w8a8 (pruned)"] = m
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu {auto._cpu_model()!r}, max_fidelity_loss={args.max_fidelity_loss}")
+          f"cpu {cpu_model()!r}, max_fidelity_loss={args.max_fidelity_loss}")
     rows = collections.OrderedDict((k, {}) for k in statics)
     fid = {k: cosine_fidelity(ref_emb, embed(v, tok, held)) for k, v in statics.items()}
     notes = []

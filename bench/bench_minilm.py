@@ -31,6 +31,7 @@ import pysparse  # noqa: E402
 from pysparse.data import load_descriptions  # noqa: E402
 from pysparse.models import load_minilm  # noqa: E402
 from pysparse.report import cosine_fidelity, recall_at_k  # noqa: E402
+from pysparse.benchmark import full_batch  # noqa: E402
 from timing import timeit  # noqa: E402
 
 SHAPES = ((1, 128), (8, 128), (32, 128), (1, 512))
@@ -48,17 +49,7 @@ def _pool(hidden, mask):
 
 
 def _full_batch(tok, texts, b, s):
-    """b rows of exactly s real tokens (consecutive texts joined, then truncated): latency of the
-    full sequence length, not of padding (the descriptions are mostly shorter than 128 tokens)."""
-    rows, i = [], 0
-    for _ in range(b):
-        cur = texts[i % len(texts)]
-        i += 1
-        while len(tok(cur, verbose=False)["input_ids"]) < s:
-            cur += " " + texts[i % len(texts)]
-            i += 1
-        rows.append(cur)
-    feed = dict(tok(rows, padding="max_length", truncation=True, max_length=s, return_tensors="np"))
+    feed = full_batch(tok, texts, b, s, return_tensors="np")
     assert feed["attention_mask"].all()
     return feed
 

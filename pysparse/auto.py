@@ -25,7 +25,6 @@ import json
 import math
 import numbers
 import os
-import platform
 import re
 import statistics
 import sys
@@ -43,7 +42,7 @@ from .formats import sparse24 as _sp24
 from .nn.linear import SCHEMES, linear_weight
 from .ops.backends import check_usable
 from .quant import int4 as _int4
-from .replace import LayerResult, Report, _shape, linear_layers
+from .replace import LayerResult, Report, _shape, linear_layers, unusable_reason
 
 DEFAULT_SCHEMES = ("w8a8", "2:4+w8a8", "2:4", "w8", "w4")
 DENSE = "dense"
@@ -125,14 +124,8 @@ def time_layers(N, K, M, dtype, schemes, backend=None, device="cpu",
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+    from .benchmark import cpu_model
+    return cpu_model()
 
 
 def _sanitize(s: str) -> str:
@@ -398,10 +391,7 @@ def replace_auto(model: nn.Module, *, include=None, exclude=("lm_head",), filter
     rows = []   # (name, parent, attr, module, shape, candidates or skip reason)
     for name, parent, attr, module, reason in linear_layers(model, include, exclude, filter_fn):
         shape = _shape(module)
-        if reason is None and not module.weight.is_floating_point():
-            reason = f"weight dtype {module.weight.dtype} is not floating point"
-        if reason is None and module.weight.device.type == "meta":
-            reason = "weight is on the meta device (not materialized)"
+        reason = reason or unusable_reason(module)
         if reason is not None:
             rows.append((name, parent, attr, module, shape, reason))
             continue

@@ -93,13 +93,8 @@ def run(out_dir="pysparse-demo", n_texts=256, reps=(15, 4), progress=True):
 
 
 def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from .benchmark import cpu_model
+    return cpu_model()
 
 
 def _isa():

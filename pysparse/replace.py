@@ -100,6 +100,16 @@ def linear_layers(model: nn.Module, include=None, exclude=("lm_head",),
         yield name, parent, attr, module, reason
 
 
+def unusable_reason(module):
+    """Why a selected linear layer cannot be packed at all (not float, on the meta device), or
+    None."""
+    if not module.weight.is_floating_point():
+        return f"weight dtype {module.weight.dtype} is not floating point"
+    if module.weight.device.type == "meta":
+        return "weight is on the meta device (not materialized)"
+    return None
+
+
 def _shape(module):
     w = module.weight
     return tuple(w.shape) if isinstance(module, nn.Linear) else tuple(w.shape[::-1])
@@ -155,10 +165,7 @@ def replace_linear(model: nn.Module, scheme: str = "w8a8", *, include=None,
     plan = []
     for name, parent, attr, module, reason in linear_layers(model, include, exclude, filter_fn):
         shape = _shape(module)
-        if reason is None and not module.weight.is_floating_point():
-            reason = f"weight dtype {module.weight.dtype} is not floating point"
-        if reason is None and module.weight.device.type == "meta":
-            reason = "weight is on the meta device (not materialized)"
+        reason = reason or unusable_reason(module)
         if reason is None and scheme.startswith("2:4"):
             K = shape[1]
             if K % 4:

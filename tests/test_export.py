@@ -14,6 +14,7 @@ from pysparse.export import export_compressed_tensors, export_onnx
 from pysparse.nn.linear import _PackedLinear
 from pysparse.quant import state
 from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
+from test_quant import _calib  # shared helper: tokenized batches with a padded row
 
 ARCHS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
@@ -40,17 +41,6 @@ def _model(arch, **cfg):
     return ARCHS[arch](**cfg)
 
 
-def _calib(n=2, B=4, S=12):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(B, S, dtype=torch.long)
-        mask[0, S - 3:] = 0
-        out.append({"input_ids": torch.randint(0, 128, (B, S), generator=g),
-                    "attention_mask": mask})
-    return out
-
-
 def _feed(B=3, S=9):
     ids = torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -69,7 +59,7 @@ def _prepare(arch, scheme, **cfg):
     "w8a8-static-asym" calibrates asymmetrically, "2:4+w8a8" prunes 2:4 first."""
     model = _model(arch, **cfg)
     if scheme.startswith("w8a8-static"):
-        pysparse.calibrate(model, _calib(), symmetric=not scheme.endswith("asym"),
+        pysparse.calibrate(model, _calib(2), symmetric=not scheme.endswith("asym"),
                            progress=False)
         pysparse.replace_linear(model, "w8a8", activation="static", backend="reference")
     elif scheme == "2:4+w8a8":
@@ -245,7 +235,7 @@ def test_ct_transformers_load_matches(tmp_path, scheme):
     elif scheme.startswith("w8a8-static"):
         # same codes up to fp32 order on the calibration data; beyond the calibrated range
         # compressed-tensors saturates symmetric int8 at -128 where pysparse stops at -127
-        feed = _calib()[0]
+        feed = _calib(2)[0]
         ref, got = _out(model, feed), _out(loaded, feed)
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
         assert rel < CT_FAKEQUANT_RTOL

@@ -220,7 +220,6 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
         raise ValueError(f"{_WHO}: student and teacher are the same object; distill a copy "
                          f"(copy.deepcopy(teacher)) that you then compress")
     dataset, tok = _dataset(train_data, tokenizer)
-    has_labels = isinstance(dataset, _TextData) and dataset.labels is not None
     if losses is None:
         losses = ({"logits": 1.0} if "For" in type(student).__name__  # a head with logits
                   else {"embedding": 1.0, "hidden": 1.0})
