@@ -39,12 +39,18 @@ def load_minilm(dtype=torch.float32):
 
 @torch.inference_mode()
 def embed(model, tokenizer, texts, batch_size=32, max_length=128, progress=None):
-    """L2-normalised mean-pooled sentence embeddings [len(texts), hidden] in fp32."""
+    """L2-normalised mean-pooled sentence embeddings [len(texts), hidden] in fp32, from the
+    model's ``last_hidden_state`` (or the last of its ``hidden_states``, for models with a head
+    that return logits)."""
     out = []
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
                           max_length=max_length, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state.float()
+        res = model(**batch)
+        hidden = getattr(res, "last_hidden_state", None)
+        if hidden is None:
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        hidden = hidden.float()
         m = batch["attention_mask"].unsqueeze(-1).float()
         e = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         out.append(torch.nn.functional.normalize(e, dim=-1))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .models import embed
 from .report import cosine_fidelity, linear_weight_bytes, recall_at_k
 
 SCHEMES = ("fp32", "w8a8", "2:4", "2:4+w8a8", "w8", "w4", "auto")
@@ -232,27 +233,6 @@ def compress(model, tokenizer, *, scheme: str = "w8a8", prune: str | None = None
         _step(steps, "replace_attention", replace_attention, model)
     return {"steps": steps, "bytes": {"linear_before": before,
                                       "linear_after": linear_weight_bytes(model)}}
-
-
-@torch.inference_mode()
-def embed(model, tokenizer, texts, batch_size=32, max_length=128, progress=None):
-    """L2-normalised mean-pooled embeddings of the model's last hidden state [n, hidden]
-    (``last_hidden_state``, or the last of ``hidden_states`` for models that return logits)."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
-        res = model(**batch, output_hidden_states=True)
-        hidden = getattr(res, "last_hidden_state", None)
-        if hidden is None:
-            hidden = res.hidden_states[-1]
-        hidden = hidden.float()
-        m = batch["attention_mask"].unsqueeze(-1).float()
-        e = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(e, dim=-1))
-        if progress is not None:
-            progress.update(1)
-    return torch.cat(out)
 
 
 @torch.inference_mode()
