@@ -80,13 +80,21 @@ def make_peers(K, N, names, cold=False):
     return impls
 
 
-def _peer_makers(K, N, names):
+def draw_linear(K, N):
+    """nn.Linear(K, N) with w = randn(N, K) / sqrt(K), then b = randn(N) (these draws, in this
+    order, from the current RNG: peers.py rebuilds the same layer from the same seed)."""
     w = torch.randn(N, K) / K ** 0.5
     b = torch.randn(N)
     lin = torch.nn.Linear(K, N).eval()
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
+    return lin
+
+
+def _peer_makers(K, N, names):
+    lin = draw_linear(K, N)
+    w, b = lin.weight.detach(), lin.bias.detach()
     q, s = int8.quantize_weight(w)
     makers = {}
 

@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import pysparse  # noqa: E402
-from bench_int8_linear import COLD_MIN_WEIGHT, _peer_makers, _rotating  # noqa: E402
+from bench_int8_linear import (COLD_MIN_WEIGHT, _peer_makers, _rotating,  # noqa: E402
+                               draw_linear)
 from bench_minilm import TorchRunner, _full_batch, _pool, build_runners  # noqa: E402
 from pysparse.benchmark import machine_info, time_interleaved  # noqa: E402
 from pysparse.data import load_descriptions  # noqa: E402
@@ -168,18 +169,14 @@ def linear_impls(N, K, wanted, cold, notes):
     seed = N * 7 + K
     torch.manual_seed(seed)
     with contextlib.redirect_stderr(io.StringIO()) as err:
-        makers = _peer_makers(K, N, names)  # draws w = randn(N, K) / sqrt(K), then b = randn(N)
+        makers = _peer_makers(K, N, names)  # draws via draw_linear(K, N)
     if err.getvalue().strip() and not any("torchao (linear)" in n for n in notes):
         notes.append("torchao (linear): " + err.getvalue().strip().lstrip("# "))
     makers.pop("pysparse", None)  # the op-level call; ours below are the modules users get
     # w8a8 on the same dense weight as the peers: the same draws again (its rel err checks it)
     torch.manual_seed(seed)
-    w = torch.randn(N, K) / K ** 0.5
-    b = torch.randn(N)
-    lin = torch.nn.Linear(K, N).eval()
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        lin.bias.copy_(b)
+    lin = draw_linear(K, N)
+    b = lin.bias.detach()
     ours = {"pysparse w8a8": (lambda: SCHEMES["w8a8"].from_linear(lin).eval(), N * K)}
     lin24, sp = _ours_makers(N, K, b)
     if "sparse" in wanted:

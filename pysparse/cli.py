@@ -294,30 +294,24 @@ def _ints(text, what):
     return vals
 
 
-def _shapes(text):
-    out = []
-    for part in text.split(","):
-        try:
-            n, k = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"shapes are NxK[,NxK...], got {part!r}") from None
-        if n <= 0 or k <= 0:
-            raise argparse.ArgumentTypeError(f"shapes must be positive, got {part!r}")
-        out.append((n, k))
-    return tuple(out)
+def _pairs_of(what, usage):
+    """argparse type: "AxB[,AxB...]" -> ((A, B), ...), positive integers."""
+    def parse(text):
+        out = []
+        for part in text.split(","):
+            try:
+                x, y = (int(v) for v in part.lower().split("x"))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{what} are {usage}, got {part!r}") from None
+            if x <= 0 or y <= 0:
+                raise argparse.ArgumentTypeError(f"{what} must be positive, got {part!r}")
+            out.append((x, y))
+        return tuple(out)
+    return parse
 
 
-def _pairs(text):
-    out = []
-    for part in text.split(","):
-        try:
-            b, s = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"sizes are BATCHxSEQ[,...], got {part!r}") from None
-        if b <= 0 or s <= 0:
-            raise argparse.ArgumentTypeError(f"sizes must be positive, got {part!r}")
-        out.append((b, s))
-    return tuple(out)
+_shapes = _pairs_of("shapes", "NxK[,NxK...]")
+_pairs = _pairs_of("sizes", "BATCHxSEQ[,...]")
 
 
 def _bench(args):
