@@ -1,15 +1,18 @@
 """Distillation probe (issue: distillation): SparseGPT 2:4 on MiniLM, then pysparse.distill from
 the dense teacher on the bundled train texts, then 2:4+w8a8; fidelity (mean cosine, recall@10
-vs the fp32 teacher on the 256 held-out texts) after each step.
+vs the fp32 teacher on the 256 held-out texts) after each step, and every --eval-every steps.
 
-    .venv/bin/python bench/distill_probe.py STEPS LR BF16(0|1) "LOSSES-DICT"
-    e.g. .venv/bin/python bench/distill_probe.py 600 5e-4 1 '{"embedding": 1.0, "hidden": 1.0}'
+    .venv/bin/python bench/distill_probe.py --steps 600 --lr 5e-4 --bf16 \\
+        --losses '{"embedding": 1.0, "hidden": 1.0}' [--eval-every 200] [--threads 1]
 """
+import argparse
 import ast
 import copy
-import sys
 import tempfile
 import time
+
+import torch
+from transformers import TrainerCallback
 
 import pysparse
 from pysparse.data import load_descriptions
@@ -18,9 +21,21 @@ from pysparse.models import embed, load_minilm
 from pysparse.report import cosine_fidelity, recall_at_k
 
 
-def main(argv):
-    steps, lr, bf16 = int(argv[0]), float(argv[1]), argv[2] == "1"
-    losses = ast.literal_eval(argv[3])
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--losses", default='{"embedding": 1.0, "hidden": 1.0}')
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--no-group", action="store_true")
+    ap.add_argument("--no-dropout", action="store_true")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     teacher, tok = load_minilm()
     recs = load_descriptions(seed=20261122)  # the split pysparse.pipeline.default_texts uses
     held, calib, train = recs[:256], recs[256:384], recs[768:]
@@ -30,19 +45,34 @@ def main(argv):
     ref = embed(teacher, tok, held)
 
     def fidelity(m):
-        e = embed(m, tok, held)
+        with torch.no_grad():
+            e = embed(m, tok, held)
         return round(cosine_fidelity(ref, e), 5), round(recall_at_k(ref, e, 10), 4)
+
+    t0 = time.time()
+
+    class Every(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if a.eval_every and state.global_step % a.eval_every == 0:
+                was = model.training
+                model.eval()
+                print(f"step {state.global_step} {time.time() - t0:.0f} s", fidelity(model),
+                      flush=True)
+                model.train(was)
 
     print("sparsegpt 2:4 (cosine, recall@10)", fidelity(student), flush=True)
     t0 = time.time()
     res = distill(student, teacher, train, tok, output_dir=tempfile.mkdtemp(prefix="probe-"),
-                  max_steps=steps, learning_rate=lr, batch_size=32, bf16=bf16, losses=losses,
-                  logging_steps=10, save_steps=10 ** 6, progress=False)
-    print(f"distill {res.steps} steps {time.time() - t0:.0f} s, mean losses {res.losses}")
+                  max_steps=a.steps, learning_rate=a.lr, batch_size=a.batch, bf16=a.bf16,
+                  losses=ast.literal_eval(a.losses), logging_steps=10, save_steps=10 ** 6,
+                  progress=False, cache_teacher=not a.no_cache, group_by_length=not a.no_group,
+                  dropout=not a.no_dropout, callbacks=[Every()])
+    print(f"distill {res.steps} steps {time.time() - t0:.0f} s, mean losses {res.losses}, "
+          f"cache {res.teacher_cache}")
     print("distilled", fidelity(student), flush=True)
     pysparse.replace_linear(student, "2:4+w8a8")
     print("2:4+w8a8", fidelity(student), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

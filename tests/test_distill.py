@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import pysparse
 from pysparse.distill import (HiddenProjection, attention_kl, default_layer_map, distill,
-                              embedding_loss, hidden_mse, logit_kd, share_layers)
+                              embedding_loss, hidden_mse, logit_kd, share_layers,
+                              similarity_loss)
 from pysparse.formats.sparse24 import is_24
 from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -200,6 +201,7 @@ def test_distill_reduces_loss_keeps_masks_and_teacher(tmp_path):
             assert is_24(m.weight.detach()), n                  # masks enforced
             assert not torch.equal(m.weight.detach(), before[n]) or "pooler" in n
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_state.items())
+    assert all(p.requires_grad for p in teacher.parameters())  # frozen only while training
     assert not student.training and student.config._attn_implementation != "eager"
     assert not hasattr(student, "pysparse_distill_projection")
 
@@ -257,6 +259,9 @@ def test_distill_errors(tmp_path):
         distill(student, teacher, ["text"], output_dir=tmp_path)
     with pytest.raises(TypeError, match="transformers model"):
         distill(torch.nn.Linear(2, 2), teacher, _Ids(8, 128), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="requires grad"):
+        distill(copy.deepcopy(student).requires_grad_(False), teacher, _Ids(8, 128),
+                output_dir=tmp_path)
 
 
 def test_distill_bf16_autocast(tmp_path):
@@ -318,3 +323,129 @@ def test_distill_shared_layers_checkpoints_and_resume(tmp_path):
     assert res.steps == 3
     blocks = student.encoder.layer
     assert blocks[0] is blocks[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# relational loss, pre-tokenized texts, the teacher-output cache, dropout off
+
+
+def test_similarity_loss_formula_and_padding():
+    s, t = torch.randn(5, 7, 16), torch.randn(5, 7, 16)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    es = F.normalize(pysparse.distill.losses.mean_pool(s, mask), dim=-1)
+    et = F.normalize(pysparse.distill.losses.mean_pool(t, mask), dim=-1)
+    d = es @ es.T - et @ et.T
+    want = (d.pow(2).sum() - d.diagonal().pow(2).sum()) / (5 * 4)
+    torch.testing.assert_close(similarity_loss(s, t, mask), want)
+    s2 = s.clone()
+    s2[1, 4:] = 1e3  # padding never counts
+    torch.testing.assert_close(similarity_loss(s2, t, mask), want)
+    assert float(similarity_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    # invariant to a per-row scale of the embeddings (cosine), not to rotations of one row
+    torch.testing.assert_close(similarity_loss(s * torch.rand(5, 1, 1) + 0, t, None),
+                               similarity_loss(s, t, None))
+    assert float(similarity_loss(s[:1], t[:1])) == 0.0
+    with pytest.raises(ValueError, match="widths"):
+        similarity_loss(s, t[..., :8])
+
+
+class _CharTok:
+    """A tokenizer stand-in: one id per character (1 + ord % 100), pad id 0."""
+
+    pad_token_id, pad_token_type_id = 0, 0
+
+    def __init__(self, side="right"):
+        self.padding_side = side
+
+    def __call__(self, texts, truncation=True, max_length=None, **kw):
+        ids = [[1 + ord(c) % 100 for c in t][:max_length] for t in texts]
+        return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_text_data_and_collate_pad_on_the_right(side):
+    from pysparse.distill.trainer import _Collate, _TextData
+    data = _TextData(["abc", "a", "abcdefgh"], [0, 1, 2], _CharTok(side), max_length=6)
+    assert len(data) == 3 and len(data[2]["input_ids"]) == 6  # truncated once, up front
+    b = _Collate(_CharTok(side))([data[0], data[1], data[2]])
+    assert b["input_ids"].shape == (3, 6) and b["pysparse_idx"].tolist() == [0, 1, 2]
+    assert b["labels"].tolist() == [0, 1, 2]
+    assert b["attention_mask"].sum(1).tolist() == [3, 1, 6]
+    row = b["input_ids"][1].tolist()
+    assert row[1:] == [0] * 5 and row[0] == 1 + ord("a") % 100
+    assert torch.equal(b["input_ids"] != 0, b["attention_mask"].bool())
+
+
+def test_teacher_cache_returns_the_teachers_outputs_for_any_batching():
+    from pysparse.distill.trainer import _TeacherCache
+    import transformers
+    teacher = transformers.BertForSequenceClassification(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=128, max_position_embeddings=32, num_labels=3)).eval()
+    g = torch.Generator().manual_seed(1)
+    lens = [5, 9, 3, 12]
+    ids = [torch.randint(1, 128, (n,), generator=g) for n in lens]
+
+    def batch(order, T):
+        x = torch.zeros(len(order), T, dtype=torch.long)
+        m = torch.zeros_like(x)
+        for r, i in enumerate(order):
+            x[r, :lens[i]], m[r, :lens[i]] = ids[i], 1
+        return x, m
+
+    cache = _TeacherCache({0, 2}, 2, True, budget=2 ** 30)
+    x, m = batch([0, 1, 2, 3], 12)
+    with torch.no_grad():
+        cache.put(torch.tensor([0, 1, 2, 3]), m, teacher(input_ids=x, attention_mask=m,
+                                                         output_hidden_states=True))
+    assert cache.get(torch.tensor([0, 7]), m[:2]) is None  # 7 was never seen
+    order = [3, 1, 0]
+    x, m = batch(order, 14)  # other order, longer padding
+    got = cache.get(torch.tensor(order), m)
+    with torch.no_grad():
+        want = teacher(input_ids=x, attention_mask=m, output_hidden_states=True)
+    keep = m.bool()
+    for j in (0, 2):
+        torch.testing.assert_close(got.hidden_states[j][keep], want.hidden_states[j][keep],
+                                   atol=2e-3, rtol=2e-3)  # kept in fp16
+        assert got.hidden_states[j][~keep].abs().max() == 0
+    assert got.hidden_states[1] is None
+    torch.testing.assert_close(got.logits, want.logits, atol=2e-3, rtol=2e-3)
+    assert (cache.hits, cache.misses) == (1, 1)
+    small = _TeacherCache({2}, 2, False, budget=1)  # budget: the first text only
+    small.put(torch.tensor([0, 1]), m[:2], want)
+    assert list(small.store) == [0]
+
+
+def test_distill_texts_cache_the_teacher_after_the_first_epoch(tmp_path):
+    import transformers
+    teacher = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=128, max_position_embeddings=64)).eval()
+    texts = [("pysparse " * (1 + i % 5))[: 4 + 3 * i] for i in range(16)]
+    students = {True: copy.deepcopy(teacher), False: copy.deepcopy(teacher)}
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    seen = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen.append([m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)])
+
+    runs = {}
+    for cache in (True, False):
+        student = students[cache]
+        calls.clear()
+        res = distill(student, teacher, texts, _CharTok(), output_dir=tmp_path / str(cache),
+                      max_steps=12, batch_size=4, learning_rate=1e-3, progress=False,
+                      cache_teacher=cache, dropout=False, callbacks=[Spy()], logging_steps=1)
+        runs[cache] = (len(calls), res, student)
+    n, res, student = runs[True]
+    assert n == 4 and res.teacher_cache["hits"] == 8 and res.teacher_cache["texts"] == 16
+    assert runs[False][0] == 12 and runs[False][1].teacher_cache is None
+    # same batches, same targets up to fp16 rounding -> the same training
+    for a, b in zip(res.history, runs[False][1].history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2, abs=1e-4)
+    assert all(p == 0.0 for ps in seen for p in ps) and seen
+    assert all(m.p == 0.1 for m in student.modules() if isinstance(m, torch.nn.Dropout))

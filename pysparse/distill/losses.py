@@ -10,6 +10,9 @@
   head pruning), over the valid (unpadded) query positions.
 * ``embedding_loss``: for sentence-embedding students: ``1 - cos`` (or MSE) between the
   mean-pooled, masked last hidden states of student and teacher.
+* ``similarity_loss``: relational KD for sentence-embedding students (Park et al. 2019, RKD):
+  MSE between the in-batch cosine-similarity matrices of student and teacher embeddings, so
+  the student keeps which texts are neighbours (what retrieval / recall@k measures).
 
 Every loss averages over valid tokens / rows, so padding never counts, and returns a 0-d
 tensor. Shapes are checked with clear errors.
@@ -162,5 +165,21 @@ def embedding_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, m
     return (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1).mean()
 
 
-__all__ = ["logit_kd", "hidden_mse", "attention_kl", "embedding_loss", "mean_pool",
-           "HiddenProjection", "default_layer_map"]
+def similarity_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                    mask=None) -> torch.Tensor:
+    """MSE between the off-diagonal in-batch cosine-similarity matrices [B, B] of the
+    mean-pooled last hidden states [B, S, H] of student and teacher (0 for a batch of one)."""
+    if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"{_WHO}.similarity_loss: widths {student_hidden.shape[-1]} and "
+                         f"{teacher_hidden.shape[-1]} differ")
+    B = student_hidden.shape[0]
+    if B < 2:
+        return student_hidden.sum() * 0.0
+    s = F.normalize(mean_pool(student_hidden.float(), mask), dim=-1)
+    t = F.normalize(mean_pool(teacher_hidden.detach().float(), mask), dim=-1)
+    off = ~torch.eye(B, dtype=torch.bool, device=s.device)
+    return (s @ s.T - t @ t.T)[off].pow(2).mean()
+
+
+__all__ = ["logit_kd", "hidden_mse", "attention_kl", "embedding_loss", "similarity_loss",
+           "mean_pool", "HiddenProjection", "default_layer_map"]

@@ -10,7 +10,9 @@ the loss is the weighted sum of the terms in ``losses`` (pysparse.distill.losses
   differ),
 * ``"attention"``: KL of mapped attention maps (switches both models to eager attention, which
   returns the maps),
-* ``"embedding"``: 1 - cosine of the mean-pooled last hidden states (sentence embeddings).
+* ``"embedding"``: 1 - cosine of the mean-pooled last hidden states (sentence embeddings),
+* ``"similarity"``: MSE of the in-batch cosine-similarity matrices of those embeddings
+  (relational KD: keeps which texts are neighbours).
 
 Default: ``{"logits": 1.0}`` for a model with a head (``...ForSequenceClassification``,
 ``...ForCausalLM``: logits KD, plus the hard-label loss where the data has labels), else
@@ -25,13 +27,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from . import losses as L
 
-LOSSES = ("logits", "hidden", "attention", "embedding")
+LOSSES = ("logits", "hidden", "attention", "embedding", "similarity")
+_POOLED = ("embedding", "similarity")  # losses on the last hidden state
 _WHO = "pysparse.distill"
 _PROJ = "pysparse_distill_projection"
 
@@ -43,38 +47,55 @@ class DistillResult:
     losses: dict
     history: list = field(default_factory=list)  # [{"step", "loss"}], every logging_steps
     output_dir: str = ""
+    teacher_cache: dict | None = None  # batches served from the cache / run through the teacher
 
     def to_dict(self):
         return self.__dict__.copy()
 
 
 class _TextData(torch.utils.data.Dataset):
-    def __init__(self, texts, labels):
-        self.texts, self.labels = list(texts), labels
+    """Texts tokenized once (so ``group_by_length`` can see their lengths); items carry their
+    index (``pysparse_idx``) for the teacher-output cache."""
+
+    def __init__(self, texts, labels, tokenizer, max_length):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        self.enc, self.labels = {k: enc[k] for k in self.keys}, labels
 
     def __len__(self):
-        return len(self.texts)
+        return len(self.enc["input_ids"])
 
     def __getitem__(self, i):
-        item = {"text": self.texts[i]}
+        item = {k: self.enc[k][i] for k in self.keys}
+        item["pysparse_idx"] = i
         if self.labels is not None:
             item["labels"] = self.labels[i]
         return item
 
 
 class _Collate:
-    def __init__(self, tokenizer, max_length):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    """Pads pre-tokenized items on the right to the longest in the batch (training never needs
+    left padding, and with right padding a text's outputs do not depend on its batch, which the
+    teacher cache relies on)."""
+
+    def __init__(self, tokenizer):
+        self.pad = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
+                    "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
 
     def __call__(self, items):
-        batch = dict(self.tokenizer([it["text"] for it in items], padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt"))
+        T = max(len(it["input_ids"]) for it in items)
+        batch = {k: torch.tensor([list(it[k]) + [fill] * (T - len(it[k])) for it in items])
+                 for k, fill in self.pad.items() if k in items[0]}
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.tensor(
+                [[1] * len(it["input_ids"]) + [0] * (T - len(it["input_ids"])) for it in items])
+        batch["pysparse_idx"] = torch.tensor([int(it["pysparse_idx"]) for it in items])
         if "labels" in items[0]:
             batch["labels"] = torch.tensor([int(it["labels"]) for it in items])
         return batch
 
 
-def _dataset(train_data, tokenizer):
+def _dataset(train_data, tokenizer, max_length):
     """train_data: texts, (text, label) pairs, or a Dataset of tokenized dicts."""
     if isinstance(train_data, torch.utils.data.Dataset) and not isinstance(train_data, list):
         return train_data, None
@@ -84,15 +105,74 @@ def _dataset(train_data, tokenizer):
     if tokenizer is None:
         raise ValueError(f"{_WHO}: train_data holds texts; pass tokenizer=")
     if all(isinstance(t, str) for t in items):
-        return _TextData(items, None), tokenizer
+        return _TextData(items, None, tokenizer, max_length), tokenizer
     if all(isinstance(t, (tuple, list)) and len(t) == 2 and isinstance(t[0], str) for t in items):
         labels = [t[1] for t in items]
         if not all(isinstance(y, int) for y in labels):
             raise ValueError(f"{_WHO}: labels must be integer class ids (map names to ids "
                              f"first), got e.g. {labels[0]!r}")
-        return _TextData([t[0] for t in items], labels), tokenizer
+        return _TextData([t[0] for t in items], labels, tokenizer, max_length), tokenizer
     raise TypeError(f"{_WHO}: train_data must be a list of texts, of (text, label) pairs, or a "
                     f"torch Dataset of tokenized dicts")
+
+
+class _TeacherCache:
+    """The teacher's outputs per training example, kept for its real tokens only (fp16 where
+    that is exact enough to be finite, else fp32), so every epoch after the first skips the
+    teacher's forward. A batch is served from the cache only when all its examples are in it;
+    examples stop being added once ``budget`` bytes are used."""
+
+    def __init__(self, layers, n_hidden, want_logits, budget):
+        self.layers, self.n_hidden, self.want_logits = sorted(layers), n_hidden, want_logits
+        self.budget, self.bytes, self.store = budget, 0, {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _pack(x):
+        h = x.detach().to(torch.float16)
+        return h if torch.isfinite(h).all() else x.detach().float()
+
+    def put(self, idx, mask, out):
+        for b, i in enumerate(idx.tolist()):
+            if i in self.store or self.bytes >= self.budget:
+                continue
+            keep = mask[b].bool()
+            entry = {}
+            if self.layers:
+                entry["h"] = self._pack(torch.stack(
+                    [out.hidden_states[j][b][keep] for j in self.layers]))
+            if self.want_logits:
+                lg = out.logits[b]
+                entry["l"] = self._pack(lg[keep] if out.logits.dim() == 3 else lg)
+            self.bytes += sum(t.numel() * t.element_size() for t in entry.values())
+            self.store[i] = entry
+
+    def get(self, idx, mask):
+        ids = idx.tolist()
+        if not all(i in self.store for i in ids):
+            self.misses += 1
+            return None
+        self.hits += 1
+        B, T = mask.shape
+        keep = mask.bool()
+        hidden, logits = [None] * (self.n_hidden + 1), None
+        if self.layers:
+            H = self.store[ids[0]]["h"].shape[-1]
+            buf = torch.zeros(len(self.layers), B, T, H, device=mask.device)
+            for b, i in enumerate(ids):
+                buf[:, b, keep[b]] = self.store[i]["h"].to(buf.device, torch.float32)
+            for k, j in enumerate(self.layers):
+                hidden[j] = buf[k]
+        if self.want_logits:
+            first = self.store[ids[0]]["l"]
+            if first.dim() == 2:  # per-token logits
+                logits = torch.zeros(B, T, first.shape[-1], device=mask.device)
+                for b, i in enumerate(ids):
+                    logits[b, keep[b]] = self.store[i]["l"].to(logits.device, torch.float32)
+            else:
+                logits = torch.stack([self.store[i]["l"] for i in ids]).to(mask.device,
+                                                                          torch.float32)
+        return SimpleNamespace(hidden_states=hidden, logits=logits)
 
 
 def _n_hidden(model):
@@ -120,25 +200,33 @@ def _make_trainer_class():
     class DistillTrainer(Trainer):
         """Trainer whose loss is the distillation loss against ``self.teacher``."""
 
-        def __init__(self, *args, teacher, weights, layer_map, temperature, alpha, **kwargs):
+        def __init__(self, *args, teacher, weights, layer_map, temperature, alpha, cache,
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher, self.weights, self.layer_map = teacher, weights, layer_map
+            self.cache = cache
             self.temperature, self.alpha = temperature, alpha
             self.parts = {k: 0.0 for k in weights}
             self.n_parts = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels", None)
+            idx = inputs.pop("pysparse_idx", None)
             attn = self.weights.get("attention", 0) > 0
-            need_hidden = any(self.weights.get(k, 0) > 0 for k in ("hidden", "embedding"))
+            need_hidden = any(self.weights.get(k, 0) > 0 for k in _POOLED + ("hidden",))
             dev = next(model.parameters()).device
-            if next(self.teacher.parameters()).device != dev:
-                self.teacher.to(dev)
-            with torch.no_grad():
-                t = self.teacher(**inputs, output_hidden_states=need_hidden,
-                                 output_attentions=attn)
-            s = model(**inputs, output_hidden_states=need_hidden, output_attentions=attn)
             mask = inputs.get("attention_mask")
+            cache = self.cache if idx is not None and mask is not None else None
+            t = cache.get(idx, mask) if cache is not None else None
+            if t is None:
+                if next(self.teacher.parameters()).device != dev:
+                    self.teacher.to(dev)
+                with torch.no_grad():
+                    t = self.teacher(**inputs, output_hidden_states=need_hidden,
+                                     output_attentions=attn)
+                if cache is not None:
+                    cache.put(idx, mask, t)
+            s = model(**inputs, output_hidden_states=need_hidden, output_attentions=attn)
             raw = self._unwrap(model)
             total, parts = 0.0, {}
             if self.weights.get("logits", 0) > 0:
@@ -154,6 +242,9 @@ def _make_trainer_class():
             if self.weights.get("embedding", 0) > 0:
                 parts["embedding"] = L.embedding_loss(s.hidden_states[-1], t.hidden_states[-1],
                                                       mask)
+            if self.weights.get("similarity", 0) > 0:
+                parts["similarity"] = L.similarity_loss(s.hidden_states[-1],
+                                                        t.hidden_states[-1], mask)
             for k, v in parts.items():
                 total = total + self.weights[k] * v
                 self.parts[k] += float(v.detach())
@@ -199,7 +290,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
             warmup_ratio: float = 0.06, weight_decay: float = 0.01, bf16: bool = False,
             enforce_masks: bool = True, resume: bool = False, save_steps: int | None = None,
             logging_steps: int = 25, seed: int = 0, progress: bool = True,
-            **training_args) -> DistillResult:
+            group_by_length: bool = True, cache_teacher: bool = True, cache_gb: float = 4.0,
+            dropout: bool = True, callbacks=(), **training_args) -> DistillResult:
     """Distill ``teacher`` into ``student`` in place (module docstring); returns what was done.
 
     train_data: texts, (text, int label) pairs, or a torch Dataset of tokenized dicts (then
@@ -219,7 +311,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     if student is teacher:
         raise ValueError(f"{_WHO}: student and teacher are the same object; distill a copy "
                          f"(copy.deepcopy(teacher)) that you then compress")
-    dataset, tok = _dataset(train_data, tokenizer)
+    dataset, tok = _dataset(train_data, tokenizer, max_length)
     if losses is None:
         losses = ({"logits": 1.0} if "For" in type(student).__name__  # a head with logits
                   else {"embedding": 1.0, "hidden": 1.0})
@@ -246,11 +338,26 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     if losses.get("hidden", 0) > 0 and _width(student) != _width(teacher):
         student.add_module(_PROJ, L.HiddenProjection(_width(student), _width(teacher),
                                                      len(layer_map)))
+    dropped = [] if dropout else [(m, m.p) for m in student.modules() if isinstance(m, nn.Dropout)]
+    for m, _ in dropped:
+        m.p = 0.0
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ValueError(f"{_WHO}: no parameter of the student requires grad; nothing would "
+                         f"train (unfreeze it, e.g. student.requires_grad_(True))")
     teacher.eval()
-    for p in teacher.parameters():
+    frozen = [(p, p.requires_grad) for p in teacher.parameters()]  # restored after training
+    for p, _ in frozen:
         p.requires_grad_(False)
     enforcer = MaskEnforcer(student) if enforce_masks else None
-    callbacks = [MaskCallback(enforcer)] if enforcer is not None else []
+    callbacks = ([MaskCallback(enforcer)] if enforcer is not None else []) + list(callbacks)
+    cache = None
+    if cache_teacher and isinstance(dataset, _TextData) and not attn:
+        layers = {j for _, j in layer_map} if losses.get("hidden", 0) > 0 else set()
+        if any(losses.get(k, 0) > 0 for k in _POOLED):
+            layers.add(n_t)
+        cache = _TeacherCache(layers, n_t, losses.get("logits", 0) > 0, int(cache_gb * 2 ** 30))
+    if group_by_length and isinstance(dataset, _TextData):
+        training_args.setdefault("train_sampling_strategy", "group_by_length")
 
     out = Path(output_dir)
     steps_per_epoch = max(1, math.ceil(len(dataset) / batch_size))
@@ -268,9 +375,9 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
         **training_args)
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(model=student, args=args, train_dataset=dataset,
-                          data_collator=_Collate(tok, max_length) if tok is not None else None,
+                          data_collator=_Collate(tok) if tok is not None else None,
                           callbacks=callbacks, teacher=teacher, weights=dict(losses),
-                          layer_map=layer_map, temperature=temperature, alpha=alpha)
+                          layer_map=layer_map, temperature=temperature, alpha=alpha, cache=cache)
     ckpt = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     t0 = time.perf_counter()
     try:
@@ -283,13 +390,20 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
             delattr(student, _PROJ)
         for m, impl in restore_attn:
             m.set_attn_implementation(impl)
+        for m, p in dropped:
+            m.p = p
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     student.eval()
     n = max(trainer.n_parts, 1)
     history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history
                if "loss" in h]
     return DistillResult(steps=int(state.global_step), seconds=round(time.perf_counter() - t0, 2),
                          losses={k: v / n for k, v in trainer.parts.items()}, history=history,
-                         output_dir=str(out))
+                         output_dir=str(out),
+                         teacher_cache=None if cache is None else {
+                             "hits": cache.hits, "misses": cache.misses,
+                             "texts": len(cache.store), "mb": round(cache.bytes / 2 ** 20, 1)})
 
 
 __all__ = ["distill", "DistillResult", "LOSSES"]

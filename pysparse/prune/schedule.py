@@ -77,7 +77,8 @@ class MaskEnforcer:
                 self._layers[name][1] = w.detach() != 0
             else:
                 self.set_mask(name, given.pop(name))
-            self._handles.append(w.register_hook(self._grad_hook(name)))
+            if w.requires_grad:  # a frozen weight gets no gradient; apply() still re-masks it
+                self._handles.append(w.register_hook(self._grad_hook(name)))
         if given:
             raise ValueError(f"{_WHO}.MaskEnforcer: masks given for layers that are not "
                              f"selected linear layers of the model: {sorted(given)}")
