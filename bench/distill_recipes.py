@@ -4,6 +4,7 @@ fidelity (mean cosine, recall@10 vs the fp32 teacher on the 256 held-out texts),
 fp32 teacher measured in the same run) and linear-weight bytes.
 
     .venv/bin/python bench/distill_recipes.py structured share layers classify [--steps 300]
+    .venv/bin/python bench/distill_recipes.py --saved DIR ...   # models written by pysparse.save
 
 * structured: 25% of the heads + 25% of the FFN neurons (Taylor scores) -> distill -> w8a8
 * share:      every 2 consecutive blocks tied (mean init) -> distill -> w8a8
@@ -24,11 +25,12 @@ import torch
 import pysparse
 from pysparse.distill import distill, share_layers
 from pysparse.models import embed, load_minilm, minilm_path
-from pysparse.pipeline import default_texts
+from pysparse.pipeline import DISTILL_DEFAULTS, default_texts
 from pysparse.report import cosine_fidelity, linear_weight_bytes, recall_at_k
 
-DISTILL = dict(learning_rate=5e-4, batch_size=32, bf16=True, save_steps=10 ** 6,
-               logging_steps=50, progress=False, dropout=False)
+# compress --distill's settings, the step count and losses aside
+DISTILL = {**{k: v for k, v in DISTILL_DEFAULTS.items() if k not in ("max_steps", "losses")},
+           "save_steps": 10 ** 6, "logging_steps": 50, "progress": False}
 
 
 @torch.inference_mode()
@@ -42,7 +44,7 @@ def latency(model, batch, reps=7):
     return statistics.median(times)
 
 
-def embedding_recipes(names, steps, losses):
+def embedding_recipes(names, steps, losses, saved=()):
     teacher, tok = load_minilm()
     held, calib, train = (default_texts("eval", None), default_texts("calib", 128),
                           default_texts("train", None))
@@ -72,6 +74,10 @@ def embedding_recipes(names, steps, losses):
     }
     print("| recipe | step | cosine | recall@10 | speed vs fp32 | linear MiB | step time |")
     print("|---|---|---|---|---|---|---|")
+    for d in saved:
+        t0 = time.time()
+        m = pysparse.load(d)
+        report(d, "pysparse.load", m, time.time() - t0)
     for name in names:
         m = copy.deepcopy(teacher)
         t0 = time.time()
@@ -152,14 +158,15 @@ def classify(steps, epochs=4):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("recipes", nargs="+", choices=["structured", "share", "layers", "classify"])
+    ap.add_argument("recipes", nargs="*", choices=["structured", "share", "layers", "classify"])
+    ap.add_argument("--saved", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--losses", default='{"embedding": 1.0, "hidden": 1.0}')
     a = ap.parse_args()
     import ast
     emb = [r for r in a.recipes if r != "classify"]
-    if emb:
-        embedding_recipes(emb, a.steps, ast.literal_eval(a.losses))
+    if emb or a.saved:
+        embedding_recipes(emb, a.steps, ast.literal_eval(a.losses), a.saved)
     if "classify" in a.recipes:
         classify(a.steps)
 

@@ -141,8 +141,8 @@ def _compress(args):
         distill_options["max_steps"] = args.distill_steps
     if args.distill_lr is not None:
         distill_options["learning_rate"] = args.distill_lr
-    if args.bf16:
-        distill_options["bf16"] = True
+    if args.no_bf16:
+        distill_options["bf16"] = False
     recipe = {k: getattr(args, k) for k in ("scheme", "prune", "pattern", "sparsity", "activation",
                                              "smooth", "awq", "gptq", "group_size", "attention",
                                              "max_fidelity_loss", "tokens", "share", "distill",
@@ -389,9 +389,12 @@ def _parser():
                     help="after pruning / sharing, distill from the uncompressed model")
     pc.add_argument("--train", type=Path, default=None,
                     help="distillation texts (.txt / .jsonl); default: bundled train split")
-    pc.add_argument("--distill-steps", type=int, default=None, help="optimizer steps (300)")
-    pc.add_argument("--distill-lr", type=float, default=None, help="learning rate (1e-4)")
-    pc.add_argument("--bf16", action="store_true", help="distill under bf16 autocast")
+    pc.add_argument("--distill-steps", type=int, default=None,
+                    help="optimizer steps (1400: about 25 min on 2 cores for MiniLM)")
+    pc.add_argument("--distill-lr", type=float, default=None,
+                    help="peak learning rate (5e-4)")
+    pc.add_argument("--no-bf16", action="store_true",
+                    help="distill in fp32 (default: bf16 autocast, fp32 master weights)")
     pc.add_argument("--quick", action="store_true",
                     help="smoke-test sizes: 16 calibration texts, 8 distillation steps")
     pc.add_argument("--out", type=Path, required=True, help="output directory")

@@ -29,8 +29,9 @@ SCHEMES = ("fp32", "w8a8", "2:4", "2:4+w8a8", "w8", "w4", "auto")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "random")
 _EVAL_SEED, _EVAL_N, _CALIB_N = 20261122, 256, 512
 # pysparse.distill settings of `compress --distill` (bench/RESULTS.md has what they give)
-DISTILL_DEFAULTS = {"max_steps": 300, "learning_rate": 1e-4, "batch_size": 32,
-                    "losses": {"embedding": 1.0, "hidden": 1.0}, "bf16": False}
+DISTILL_DEFAULTS = {"max_steps": 1400, "learning_rate": 5e-4, "batch_size": 32,
+                    "losses": {"embedding": 1.0, "hidden": 1.0}, "bf16": True,
+                    "dropout": False}
 
 
 def default_texts(kind: str, n: int | None, sections: bool = False):

@@ -449,3 +449,27 @@ def test_distill_texts_cache_the_teacher_after_the_first_epoch(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-2, abs=1e-4)
     assert all(p == 0.0 for ps in seen for p in ps) and seen
     assert all(m.p == 0.1 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_distill_with_qat_fake_quant_then_real_2_4_int8(tmp_path):
+    """2:4 + QAT fake-quant under distillation: masks kept through the QATLinear modules, and
+    the trained model converts to the real 2:4+w8a8 kernels with the outputs it trained with."""
+    from pysparse.quant.qat import QATLinear
+    student, teacher = _pair()
+    pysparse.prepare_qat(student)
+    n_qat = sum(isinstance(m, QATLinear) for m in student.modules())
+    assert n_qat > 0
+    res = distill(student, teacher, _Ids(32, 128), output_dir=tmp_path, max_steps=6,
+                  batch_size=8, learning_rate=3e-3, progress=False, logging_steps=1)
+    assert res.steps == 6 and math.isfinite(res.history[-1]["loss"])
+    assert sum(isinstance(m, QATLinear) for m in student.modules()) == n_qat
+    for n, m in student.named_modules():
+        if isinstance(m, QATLinear):
+            assert is_24(m.weight.detach()), n
+    x = _Ids(4, 128)[0]["input_ids"][None]
+    with torch.no_grad():
+        fake = student(input_ids=x).last_hidden_state
+        pysparse.replace_linear(student, "2:4+w8a8")
+        real = student(input_ids=x).last_hidden_state
+    assert not any(isinstance(m, QATLinear) for m in student.modules())
+    torch.testing.assert_close(real, fake, atol=2e-3, rtol=2e-3)

@@ -108,6 +108,11 @@ def test_heads_shrink_config_and_round_trip(family, tmp_path):
     # the stock classes cannot rebuild these (see the module docstring): the subclasses can
     assert type(model).__name__.endswith("WithPrunedHeads")
     assert type(model.config).__name__.endswith("ConfigWithPrunedHeads")
+    # hidden states / attention maps are still recorded (distillation needs them)
+    with torch.no_grad():
+        res = model(input_ids=x, output_hidden_states=True, output_attentions=True)
+    assert res.hidden_states is not None and len(res.hidden_states) == 3
+    assert res.hidden_states[-1].shape == (*x.shape, hidden)
     assert_rebuilds(model, x, tmp_path)
 
 

@@ -491,6 +491,18 @@ def _prune_units(model, fam, pattern, sparsity, method, calib, tokenizer, progre
         if fam != "llama" or not _config_valid(config):
             model.__class__ = pruned_heads_class(type(model))
             config.__class__ = model.__class__.config_class
+            _register_output_capture(model)
+
+
+def _register_output_capture(model):
+    """transformers 5 records hidden states / attentions (``output_hidden_states=True``) with
+    hooks chosen from a registry keyed by the model's class name, filled in ``__init__``; a
+    model whose class was swapped in place must be registered under its new name too."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers without output capturing: nothing to register
+        return
+    _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
 
 
 def _prune_layers(model, fam, sparsity, method, calib, tokenizer, progress, options, report):
