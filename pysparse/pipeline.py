@@ -29,16 +29,18 @@ SCHEMES = ("fp32", "w8a8", "2:4", "2:4+w8a8", "w8", "w4", "auto")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "random")
 _EVAL_SEED, _EVAL_N, _CALIB_N = 20261122, 256, 512
 # pysparse.distill settings of `compress --distill` (bench/RESULTS.md has what they give)
-DISTILL_DEFAULTS = {"max_steps": 1400, "learning_rate": 5e-4, "batch_size": 32,
+DISTILL_DEFAULTS = {"max_steps": 1300, "learning_rate": 5e-4, "batch_size": 32,
                     "losses": {"embedding": 1.0, "hidden": 1.0}, "bf16": True,
                     "dropout": False}
 
 
 def default_texts(kind: str, n: int | None, sections: bool = False):
-    """Bundled Debian descriptions from one fixed shuffle: ``kind="eval"`` are its first 256
-    (the first ``n`` of them), ``"calib"`` the next 512, ``"train"`` the rest (3232 texts, for
-    distillation); the three never overlap. n=None: all of the kind."""
-    from .data import load_descriptions
+    """Bundled Debian descriptions. ``kind="eval"``: the first 256 of one fixed shuffle of
+    ``load_descriptions`` (the first ``n`` of them); ``"calib"``: the next 512; ``"train"``
+    (for distillation): the rest of that shuffle (3232 texts) followed by the 8000 texts of
+    ``load_distill_descriptions`` (other packages): 11232 texts. The three never overlap.
+    n=None: all of the kind."""
+    from .data import load_descriptions, load_distill_descriptions
     spans = {"eval": (0, _EVAL_N), "calib": (_EVAL_N, _EVAL_N + _CALIB_N), "train":
              (_EVAL_N + _CALIB_N, None)}
     if kind not in spans:
@@ -46,6 +48,8 @@ def default_texts(kind: str, n: int | None, sections: bool = False):
                          f"{kind!r}")
     lo, hi = spans[kind]
     recs = load_descriptions(seed=_EVAL_SEED, sections=True)[lo:hi]
+    if kind == "train":
+        recs = recs + load_distill_descriptions(seed=_EVAL_SEED, sections=True)
     if n is not None:
         if n > len(recs):
             raise ValueError(f"pysparse: the bundled {kind} split has {len(recs)} texts, "

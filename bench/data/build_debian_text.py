@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="truncate texts at a word boundary to this length (default: %(default)s)")
     ap.add_argument("--max-bytes", type=int, default=2_000_000,
                     help="fail if the output file is larger (default: %(default)s)")
+    ap.add_argument("--exclude", action="append", default=[], type=Path, metavar="JSONL_GZ",
+                    help="leave out the packages of this data file (repeatable): builds a "
+                         "corpus disjoint from it, e.g. the distillation texts")
     args = ap.parse_args(argv)
 
     dump_text = args.input.read_text("utf-8", errors="replace") if args.input else run_dumpavail()
@@ -339,6 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     translations = load_translations(tr_files)
 
     candidates, stats = collect(dump_text, translations, args.min_long_chars)
+    if args.exclude:
+        taken = set()
+        for path in args.exclude:
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                taken |= {json.loads(line)["package"] for line in fh if line.strip()}
+        before = len(candidates)
+        candidates = [c for c in candidates if c["package"] not in taken]
+        stats["skip_excluded"] = before - len(candidates)
     records, dropped = sample(
         candidates,
         per_section=args.per_section,

@@ -15,6 +15,12 @@ Debian's package metadata; each package's description comes from that
 package, which is under its own licence.
 
 Each record is ``{"package": str, "section": str, "text": str}``.
+
+``debian_distill.jsonl.gz`` holds 8000 more descriptions of the same origin and format, of
+packages *not* in the first file (``build_debian_text.py --exclude``, 48 sections, up to 189
+per section): training text for distillation (``load_distill_descriptions``), so the
+evaluation texts stay unseen and the student does not see the same few thousand texts
+again and again.
 """
 
 from __future__ import annotations
@@ -27,33 +33,36 @@ import random
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["DATA_FILE", "load_descriptions", "section_names"]
+__all__ = ["DATA_FILE", "DISTILL_FILE", "load_descriptions", "load_distill_descriptions",
+           "section_names"]
 
 _FILENAME = "debian_descriptions.jsonl.gz"
+_DISTILL_FILENAME = "debian_distill.jsonl.gz"
 
 
-def _data_file():
+def _data_file(name=_FILENAME):
     # importlib.resources works from an installed wheel (and zip imports);
     # fall back to this file's directory when the module was loaded outside
     # of a package (e.g. via importlib from a file path).
     if __package__:
         try:
-            return resources.files(__package__) / _FILENAME
+            return resources.files(__package__) / name
         except (ModuleNotFoundError, TypeError):
             pass
-    return Path(__file__).resolve().parent / _FILENAME
+    return Path(__file__).resolve().parent / name
 
 
 #: Location of the bundled data file (a ``pathlib.Path`` for ordinary
 #: installs; an ``importlib.resources`` Traversable in general).
 DATA_FILE = _data_file()
+DISTILL_FILE = _data_file(_DISTILL_FILENAME)
 
 
-@functools.lru_cache(maxsize=1)
-def _records() -> tuple[tuple[str, str], ...]:
-    """All (text, section) records in file order."""
+@functools.lru_cache(maxsize=2)
+def _records(path=None) -> tuple[tuple[str, str], ...]:
+    """All (text, section) records of a bundled file (default DATA_FILE) in file order."""
     out = []
-    with DATA_FILE.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
+    with (path or DATA_FILE).open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
                 rec = json.loads(line)
@@ -108,6 +117,15 @@ def load_descriptions(
     if sections:
         return [records[i] for i in order]
     return [records[i][0] for i in order]
+
+
+def load_distill_descriptions(*, seed: int = 0, sections: bool = False):
+    """The 8000 distillation texts (``debian_distill.jsonl.gz``: packages disjoint from
+    ``load_descriptions``'), shuffled with ``random.Random(seed)``; ``(text, section)`` pairs
+    when ``sections=True``."""
+    records = list(_records(DISTILL_FILE))
+    random.Random(seed).shuffle(records)
+    return records if sections else [t for t, _ in records]
 
 
 def section_names() -> list[str]:

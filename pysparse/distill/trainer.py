@@ -47,7 +47,7 @@ class DistillResult:
     losses: dict
     history: list = field(default_factory=list)  # [{"step", "loss"}], every logging_steps
     output_dir: str = ""
-    teacher_cache: dict | None = None  # batches served from the cache / run through the teacher
+    teacher_cache: dict | None = None  # rows served from the cache / run through the teacher
 
     def to_dict(self):
         return self.__dict__.copy()
@@ -118,24 +118,24 @@ def _dataset(train_data, tokenizer, max_length):
 
 class _TeacherCache:
     """The teacher's outputs per training example, kept for its real tokens only (fp16 where
-    that is exact enough to be finite, else fp32), so every epoch after the first skips the
-    teacher's forward. A batch is served from the cache only when all its examples are in it;
-    examples stop being added once ``budget`` bytes are used."""
+    that stays finite, else fp32), so after the first epoch the teacher runs only for the
+    examples not kept: ``run(teacher, inputs, idx)`` forwards the teacher on the missing rows
+    alone and assembles the batch. Examples stop being kept once ``budget`` bytes are used."""
 
     def __init__(self, layers, n_hidden, want_logits, budget):
         self.layers, self.n_hidden, self.want_logits = sorted(layers), n_hidden, want_logits
         self.budget, self.bytes, self.store = budget, 0, {}
-        self.hits = self.misses = 0
+        self.rows_cached = self.rows_run = 0
 
     @staticmethod
     def _pack(x):
         h = x.detach().to(torch.float16)
         return h if torch.isfinite(h).all() else x.detach().float()
 
-    def put(self, idx, mask, out):
-        for b, i in enumerate(idx.tolist()):
-            if i in self.store or self.bytes >= self.budget:
-                continue
+    def _entries(self, ids, mask, out):
+        """{id: entry} of a teacher output over rows ids with attention mask ``mask``."""
+        got = {}
+        for b, i in enumerate(ids):
             keep = mask[b].bool()
             entry = {}
             if self.layers:
@@ -144,34 +144,50 @@ class _TeacherCache:
             if self.want_logits:
                 lg = out.logits[b]
                 entry["l"] = self._pack(lg[keep] if out.logits.dim() == 3 else lg)
-            self.bytes += sum(t.numel() * t.element_size() for t in entry.values())
-            self.store[i] = entry
+            got[i] = entry
+        return got
 
-    def get(self, idx, mask):
-        ids = idx.tolist()
-        if not all(i in self.store for i in ids):
-            self.misses += 1
-            return None
-        self.hits += 1
+    def run(self, teacher, inputs, idx, **kw):
+        """The teacher's output for the batch ``inputs`` (right-padded) of examples ``idx``."""
+        ids, mask = idx.tolist(), inputs["attention_mask"]
+        miss = [b for b, i in enumerate(ids) if i not in self.store]
+        fresh = {}
+        if miss:
+            rows = torch.tensor(miss, device=mask.device)
+            T = int(mask[rows].sum(1).max())
+            sub = {k: v[rows][:, :T] if torch.is_tensor(v) and v.dim() >= 2 else v
+                   for k, v in inputs.items()}
+            with torch.no_grad():
+                out = teacher(**sub, **kw)
+            fresh = self._entries([ids[b] for b in miss], sub["attention_mask"], out)
+            for i, entry in fresh.items():
+                if self.bytes < self.budget:
+                    self.bytes += sum(t.numel() * t.element_size() for t in entry.values())
+                    self.store[i] = entry
+        self.rows_run += len(miss)
+        self.rows_cached += len(ids) - len(miss)
+        return self._assemble(ids, mask, lambda i: fresh.get(i) or self.store[i])
+
+    def _assemble(self, ids, mask, entry):
         B, T = mask.shape
         keep = mask.bool()
         hidden, logits = [None] * (self.n_hidden + 1), None
         if self.layers:
-            H = self.store[ids[0]]["h"].shape[-1]
+            H = entry(ids[0])["h"].shape[-1]
             buf = torch.zeros(len(self.layers), B, T, H, device=mask.device)
             for b, i in enumerate(ids):
-                buf[:, b, keep[b]] = self.store[i]["h"].to(buf.device, torch.float32)
+                buf[:, b, keep[b]] = entry(i)["h"].to(buf.device, torch.float32)
             for k, j in enumerate(self.layers):
                 hidden[j] = buf[k]
         if self.want_logits:
-            first = self.store[ids[0]]["l"]
+            first = entry(ids[0])["l"]
             if first.dim() == 2:  # per-token logits
                 logits = torch.zeros(B, T, first.shape[-1], device=mask.device)
                 for b, i in enumerate(ids):
-                    logits[b, keep[b]] = self.store[i]["l"].to(logits.device, torch.float32)
+                    logits[b, keep[b]] = entry(i)["l"].to(logits.device, torch.float32)
             else:
-                logits = torch.stack([self.store[i]["l"] for i in ids]).to(mask.device,
-                                                                          torch.float32)
+                logits = torch.stack([entry(i)["l"] for i in ids]).to(mask.device,
+                                                                     torch.float32)
         return SimpleNamespace(hidden_states=hidden, logits=logits)
 
 
@@ -216,16 +232,14 @@ def _make_trainer_class():
             need_hidden = any(self.weights.get(k, 0) > 0 for k in _POOLED + ("hidden",))
             dev = next(model.parameters()).device
             mask = inputs.get("attention_mask")
-            cache = self.cache if idx is not None and mask is not None else None
-            t = cache.get(idx, mask) if cache is not None else None
-            if t is None:
-                if next(self.teacher.parameters()).device != dev:
-                    self.teacher.to(dev)
+            if next(self.teacher.parameters()).device != dev:
+                self.teacher.to(dev)
+            if self.cache is not None and idx is not None and mask is not None:
+                t = self.cache.run(self.teacher, inputs, idx, output_hidden_states=need_hidden)
+            else:
                 with torch.no_grad():
                     t = self.teacher(**inputs, output_hidden_states=need_hidden,
                                      output_attentions=attn)
-                if cache is not None:
-                    cache.put(idx, mask, t)
             s = model(**inputs, output_hidden_states=need_hidden, output_attentions=attn)
             raw = self._unwrap(model)
             total, parts = 0.0, {}
@@ -402,7 +416,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
                          losses={k: v / n for k, v in trainer.parts.items()}, history=history,
                          output_dir=str(out),
                          teacher_cache=None if cache is None else {
-                             "hits": cache.hits, "misses": cache.misses,
+                             "rows_cached": cache.rows_cached, "rows_run": cache.rows_run,
                              "texts": len(cache.store), "mb": round(cache.bytes / 2 ** 20, 1)})
 
 
