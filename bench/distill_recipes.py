@@ -5,6 +5,7 @@ fp32 teacher measured in the same run) and linear-weight bytes.
 
     .venv/bin/python bench/distill_recipes.py structured share layers classify [--steps 300]
     .venv/bin/python bench/distill_recipes.py --saved DIR ...   # models written by pysparse.save
+    .venv/bin/python bench/distill_recipes.py --speed   # speed only, every shape interleaved
 
 * structured: 25% of the heads + 25% of the FFN neurons (Taylor scores) -> distill -> w8a8
 * share:      every 2 consecutive blocks tied (mean init) -> distill -> w8a8
@@ -92,6 +93,48 @@ def embedding_recipes(names, steps, losses, saved=()):
         report(name, "w8a8", m, time.time() - t0)
 
 
+def speed_table(rounds=9):
+    """Speed of each recipe's model shape (weights as compressed, no training needed: the
+    shapes and kernels are what set the time) vs the fp32 teacher, all timed in interleaved
+    rounds (medians), so slow drift of the machine cancels out of the ratios."""
+    teacher, tok = load_minilm()
+    held = default_texts("eval", 32)
+    batch = dict(tok(held, padding="max_length", truncation=True, max_length=128,
+                     return_tensors="pt"))
+    models = {"fp32 teacher": teacher}
+
+    def build(name, fn, scheme):
+        m = copy.deepcopy(teacher)
+        fn(m)
+        models[name] = m
+        q = copy.deepcopy(m)
+        pysparse.replace_linear(q, scheme)
+        models[f"{name} + {scheme}"] = q
+
+    build("SparseGPT 2:4 (magnitude here)", lambda m: pysparse.prune(m, pattern="2:4",
+                                                                      progress=False),
+          "2:4+w8a8")
+    build("25% heads + 25% neurons", lambda m: (
+        pysparse.prune(m, pattern="heads", sparsity=0.25, progress=False),
+        pysparse.prune(m, pattern="neurons", sparsity=0.25, progress=False)), "w8a8")
+    build("2-layer sharing", lambda m: share_layers(m, every=2), "w8a8")
+    build("3-layer student", lambda m: pysparse.prune(m, pattern="layers", sparsity=0.5,
+                                                      progress=False), "w8a8")
+    models["fp32 teacher + w8a8"] = copy.deepcopy(teacher)
+    pysparse.replace_linear(models["fp32 teacher + w8a8"], "w8a8")
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            times[k].append(latency(m, batch, reps=3))
+    t_ref = statistics.median(times["fp32 teacher"])
+    print("| model (batch 32 x 128 tokens, %d threads) | ms | speed vs fp32 |"
+          % torch.get_num_threads())
+    print("|---|---:|---:|")
+    for k, v in times.items():
+        t = statistics.median(v)
+        print(f"| {k} | {t * 1e3:.0f} | {t_ref / t:.2f}x |", flush=True)
+
+
 def classify(steps, epochs=4):
     from transformers import AutoModelForSequenceClassification
     _, tok = load_minilm()
@@ -160,10 +203,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("recipes", nargs="*", choices=["structured", "share", "layers", "classify"])
     ap.add_argument("--saved", nargs="*", default=[])
+    ap.add_argument("--speed", action="store_true")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--losses", default='{"embedding": 1.0, "hidden": 1.0}')
     a = ap.parse_args()
     import ast
+    if a.speed:
+        speed_table()
     emb = [r for r in a.recipes if r != "classify"]
     if emb or a.saved:
         embedding_recipes(emb, a.steps, ast.literal_eval(a.losses), a.saved)
