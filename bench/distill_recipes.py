@@ -201,12 +201,15 @@ def classify(steps, epochs=4):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("recipes", nargs="*", choices=["structured", "share", "layers", "classify"])
+    ap.add_argument("recipes", nargs="*", help="structured share layers classify")
     ap.add_argument("--saved", nargs="*", default=[])
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--losses", default='{"embedding": 1.0, "hidden": 1.0}')
     a = ap.parse_args()
+    bad = set(a.recipes) - {"structured", "share", "layers", "classify"}
+    if bad:
+        ap.error(f"unknown recipe(s) {sorted(bad)}")
     import ast
     if a.speed:
         speed_table()
