@@ -10,7 +10,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,9 +57,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["pysparse", "pysparse.ops", "pysparse.ops.backends", "pysparse.formats",
-              "pysparse.nn", "pysparse.prune", "pysparse.quant", "pysparse.testing", "pysparse.data",
-              "pysparse.kernels"],
+    # every package under pysparse/ (a hand-kept list once left pysparse.distill out of wheels)
+    packages=[p for p in find_packages(include=["pysparse", "pysparse.*"])] + ["pysparse.kernels"],
     package_dir={"pysparse.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
