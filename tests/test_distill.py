@@ -264,6 +264,35 @@ def test_distill_errors(tmp_path):
                 output_dir=tmp_path)
 
 
+def test_distill_student_attention_eager_trains_the_same_and_is_restored(tmp_path):
+    """"auto" trains the student with eager attention on the CPU (faster backward there) and
+    restores its implementation; the math is the same as with sdpa."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen.append(model.config._attn_implementation)
+
+    student, teacher = _pair()
+    student.set_attn_implementation("sdpa")
+    twin = copy.deepcopy(student)
+    kw = dict(max_steps=3, batch_size=8, learning_rate=1e-3, progress=False, seed=3)
+    distill(student, teacher, _Ids(24, 128), output_dir=tmp_path / "a", callbacks=[Spy()],
+            **kw)
+    assert seen == ["eager"] * 3 and student.config._attn_implementation == "sdpa"
+    seen.clear()
+    distill(twin, teacher, _Ids(24, 128), output_dir=tmp_path / "b", student_attention=None,
+            callbacks=[Spy()], **kw)
+    assert seen == ["sdpa"] * 3
+    for (n, a), (_, b) in zip(student.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="student_attention"):
+        distill(student, teacher, _Ids(8, 128), output_dir=tmp_path / "c",
+                student_attention="flash")
+
+
 def test_distill_bf16_autocast(tmp_path):
     student, teacher = _pair()
     res = distill(student, teacher, _Ids(16, 128), output_dir=tmp_path, max_steps=2,

@@ -297,6 +297,15 @@ def _make_trainer_class():
     return DistillTrainer
 
 
+def _use_eager(student_attention, max_length):
+    if student_attention not in ("auto", "eager", None):
+        raise ValueError(f"{_WHO}: student_attention must be 'auto', 'eager' or None, got "
+                         f"{student_attention!r}")
+    if student_attention == "auto":
+        return not torch.cuda.is_available() and max_length <= 512
+    return student_attention == "eager"
+
+
 def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, *,
             output_dir, losses: dict | None = None, temperature: float = 2.0,
             alpha: float = 0.5, layer_map=None, epochs: float = 1.0, max_steps: int = -1,
@@ -304,8 +313,9 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
             warmup_ratio: float = 0.06, weight_decay: float = 0.01, bf16: bool = False,
             enforce_masks: bool = True, resume: bool = False, save_steps: int | None = None,
             logging_steps: int = 25, seed: int = 0, progress: bool = True,
-            group_by_length: bool = True, cache_teacher: bool = True, cache_gb: float = 4.0,
-            dropout: bool = True, callbacks=(), **training_args) -> DistillResult:
+            group_by_length: bool = True, cache_teacher: bool = True, cache_gb: float = 6.0,
+            dropout: bool = True, student_attention: str | None = "auto", callbacks=(),
+            **training_args) -> DistillResult:
     """Distill ``teacher`` into ``student`` in place (module docstring); returns what was done.
 
     train_data: texts, (text, int label) pairs, or a torch Dataset of tokenized dicts (then
@@ -313,6 +323,13 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     embeddings output); default ``losses.default_layer_map`` (uniform, so a 3-layer student of
     a 6-layer teacher maps 1->2, 2->4, 3->6). Extra keyword arguments go to
     ``transformers.TrainingArguments`` (e.g. ``gradient_accumulation_steps``, ``fsdp``).
+
+    student_attention: the student's attention implementation while it trains (restored
+    after). ``"auto"``: ``"eager"`` when training on the CPU with ``max_length <= 512``
+    (measured on MiniLM, batch 32, bf16: torch's CPU flash-attention backward made steps ~17 %
+    slower than eager's batched matmuls at these lengths), else unchanged; None: unchanged.
+    cache_gb: budget of the teacher-output cache (fp16; only what the texts need is used:
+    ~4.6 GiB for the 11232 bundled train texts with the default losses).
     """
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -339,6 +356,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     if not 0 <= alpha <= 1:
         raise ValueError(f"{_WHO}: alpha must be in [0, 1], got {alpha}")
     L._check_temperature(temperature)
+    eager = _use_eager(student_attention, max_length)
     n_s, n_t = _n_hidden(student), _n_hidden(teacher)
     layer_map = [tuple(p) for p in (layer_map or L.default_layer_map(n_s, n_t))]
     L._check_map(layer_map, n_s + 1, n_t + 1, "hidden_map")
@@ -349,6 +367,14 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
         for m in (student, teacher):
             restore_attn.append((m, m.config._attn_implementation))
             m.set_attn_implementation("eager")
+    elif eager:
+        impl = getattr(student.config, "_attn_implementation", None)
+        if impl not in (None, "eager"):
+            try:
+                student.set_attn_implementation("eager")
+                restore_attn.append((student, impl))
+            except (AttributeError, ValueError, NotImplementedError):
+                pass  # a model without a switchable implementation trains as it is
     if losses.get("hidden", 0) > 0 and _width(student) != _width(teacher):
         student.add_module(_PROJ, L.HiddenProjection(_width(student), _width(teacher),
                                                      len(layer_map)))
