@@ -203,3 +203,131 @@ def unpack_cpu_float(packed_v, packed_c, N: int, K: int):
         codes = torch.nn.functional.pad(codes, (0, 1))
     meta = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
     return values.contiguous(), meta.contiguous()
+
+
+# ----------------------------------------------------------------------------- CUDA packing
+# The CUDA 2:4 kernels (csrc/cuda/) feed the weight W [N, K] as the sparse A operand of
+# ``mma.sp::ordered_metadata.sync.aligned`` (PTX ISA, section "Warp-level matrix multiply-
+# accumulate instructions" -> "Matrix multiply-accumulate operation using mma.sp instruction
+# with sparse matrix A" -> "Sparse matrix storage" and "Matrix fragments for multiply-accumulate
+# operation with sparse matrix A": m16n8k32 .f16/.bf16 and m16n8k64 .s8).
+#
+# Values need no re-ordering: the A fragment of sparse m16n8k32 f16 is the dense m16n8k16 A
+# fragment on the compressed 16x16 tile, and that of sparse m16n8k64 s8 is the dense m16n8k32
+# s8 A fragment on the compressed 16x32 tile, so ``ldmatrix.x4`` on the canonical ``values``
+# [N, K/2] (row-major) delivers them. Only the metadata is re-packed, into one 32-bit word per
+# (16-row tile, mma k-step, thread that holds metadata):
+#
+#   kind "f16" (m16n8k32, sparsity selector 0, threads 4g+j with j in {0, 1} hold metadata):
+#       words [NT, KT, 16] with KT = k-steps of 32 columns; word 2g + j covers the 4-column
+#       chunks 4j..4j+3 of the step: bits 4c..4c+3 = the code of chunk 4j+c of row g,
+#       bits 16+4c..16+4c+3 = the same chunk of row g+8.
+#   kind "int8" (m16n8k64, sparsity selector 0, all four threads of a group hold metadata):
+#       words [NT, KT, 32] with KT = k-steps of 64 columns; word 4g + j holds one row's eight
+#       chunks: row g + 8 (j % 2), chunks 8 (j // 2) .. 8 (j // 2) + 7 of the step, chunk c of
+#       the eight at bits 4c..4c+3.
+#
+# Provenance: the f16 word layout is the one LLVM's executed MLIR integration test
+# sparse-mma-2-4-f16.mlir builds (lanes 4g, 4g+1: low 16 bits row g, high 16 bits row g+8,
+# one 16-column half each). For int8 the PTX metadata figures split the k64 step into columns
+# 0-31 and 32-63; the per-row 32-bit words follow CUTLASS's int8 metadata element (uint32 = 8
+# chunks of one row) and its reorder (rows r and r+8 adjacent), which reproduces the f16 layout
+# above when lane l reads word l. This int8 layout is not yet confirmed on a GPU (the
+# tests/test_cuda_kernels.py numerics on a CUDA machine do that).
+#
+# A chunk code is the canonical 4-bit ``i0 | i1 << 2`` (i0 < i1, as ::ordered_metadata needs).
+# NT is padded to a multiple of 4 (the kernels' 64-row CTA tile) and KT to a multiple of 2 (two
+# k-steps per pipeline stage); padding chunks hold code 0b0100 (i0=0, i1=1, a valid code; the
+# matching values are zero-filled by the kernels' predicated loads). Words are stored as int32
+# (torch has no uint32 arithmetic); the bit pattern is what the kernels read.
+CUDA_META_KINDS = {"f16": 2, "int8": 4}  # kind -> threads per group of four holding metadata
+_PAD_CODE = 0b0100
+
+
+def _meta_shifts(device):
+    # [1, h, 1, 1, 1, c]: bit offset of chunk c of row half h inside a metadata word
+    c = torch.arange(4, device=device).reshape(1, 1, 1, 1, 1, 4)
+    h = torch.arange(2, device=device).reshape(1, 2, 1, 1, 1, 1)
+    return 4 * c + 16 * h
+
+
+def _cuda_meta_geometry(N, K, kind, who):
+    if kind not in CUDA_META_KINDS:
+        raise ValueError(f"pysparse.formats.sparse24.{who}: kind must be one of "
+                         f"{sorted(CUDA_META_KINDS)}, got {kind!r}")
+    q = CUDA_META_KINDS[kind]
+    step = 16 * q  # dense columns per mma k-step: 32 (f16) or 64 (int8)
+    NT = -(-N // 64) * 4
+    KT = -(-K // (2 * step)) * 2
+    return q, NT, KT
+
+
+def cuda_meta_shape(N: int, K: int, kind: str):
+    """Shape (NT, KT, words) of ``pack_cuda_meta``'s output for a weight [N, K]."""
+    q, NT, KT = _cuda_meta_geometry(N, K, kind, "cuda_meta_shape")
+    return NT, KT, 8 * q
+
+
+def pack_cuda_meta(meta: torch.Tensor, K: int, kind: str) -> torch.Tensor:
+    """Canonical meta uint8 [N, ceil(K/8)] -> mma.sp metadata words int32 [NT, KT, 8q].
+
+    kind "f16" (mma.sp m16n8k32 .f16/.bf16, q = 2) or "int8" (mma.sp m16n8k64 .s8, q = 4);
+    layout in the comment above (PTX ISA "Sparse matrix storage" / metadata figures of the
+    mma.sp fragments). Raises ValueError on a bad kind, shape or corrupt code.
+    """
+    who = "pack_cuda_meta"
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.uint8 or meta.dim() != 2:
+        raise ValueError(f"pysparse.formats.sparse24.{who}: meta must be uint8 [N, ceil(K/8)], "
+                         f"got {getattr(meta, 'dtype', type(meta).__name__)} "
+                         f"{tuple(getattr(meta, 'shape', ()))}")
+    N = meta.shape[0]
+    if N < 1 or K < 4 or K % 4 or meta.shape[1] != (K + 7) // 8:
+        raise ValueError(f"pysparse.formats.sparse24.{who}: meta shape {tuple(meta.shape)} does "
+                         f"not match K={K} (K must be a positive multiple of 4)")
+    q, NT, KT = _cuda_meta_geometry(N, K, kind, who)
+    unpack_meta(meta, K)  # raises on a corrupt code
+    G = K // 4
+    codes = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(N, -1)[:, :G].long()
+    Gp = KT * 4 * q
+    codes = torch.nn.functional.pad(codes, (0, Gp - G, 0, NT * 16 - N), value=_PAD_CODE)
+    if kind == "f16":
+        # row = 16 nt + 8 h + g, chunk = 8 kt + 4 j + c; word 2g + j, bits 16 h + 4 c
+        c6 = codes.reshape(NT, 2, 8, KT, 2, 4)
+        shifts = _meta_shifts(meta.device)
+        words = (c6 << shifts).sum(dim=(1, 5))  # [NT, g, KT, j]; disjoint bit fields
+        words = words.permute(0, 2, 1, 3).reshape(NT, KT, 16)
+    else:
+        # row = 16 nt + 8 h + g, chunk = 16 kt + 8 half + c; word 4g + 2 half + h, bits 4 c
+        c6 = codes.reshape(NT, 2, 8, KT, 2, 8)
+        shifts = 4 * torch.arange(8, device=meta.device)
+        words = (c6 << shifts).sum(dim=5)  # [NT, h, g, KT, half]
+        words = words.permute(0, 3, 2, 4, 1).reshape(NT, KT, 32)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return words.contiguous()
+
+
+def unpack_cuda_meta(words: torch.Tensor, N: int, K: int, kind: str) -> torch.Tensor:
+    """Inverse of ``pack_cuda_meta`` -> canonical meta uint8 [N, ceil(K/8)]."""
+    who = "unpack_cuda_meta"
+    if N < 1 or K < 4 or K % 4:
+        raise ValueError(f"pysparse.formats.sparse24.{who}: need N >= 1 and K a positive "
+                         f"multiple of 4, got N={N}, K={K}")
+    q, NT, KT = _cuda_meta_geometry(N, K, kind, who)
+    if (not isinstance(words, torch.Tensor) or words.dtype != torch.int32
+            or tuple(words.shape) != (NT, KT, 8 * q)):
+        raise ValueError(f"pysparse.formats.sparse24.{who}: expected int32 words of shape "
+                         f"{(NT, KT, 8 * q)} for N={N}, K={K}, kind={kind!r}, got "
+                         f"{getattr(words, 'dtype', None)} {tuple(getattr(words, 'shape', ()))}")
+    w = words.long() & 0xFFFFFFFF
+    if kind == "f16":
+        w = w.reshape(NT, KT, 8, 2).permute(0, 2, 1, 3)  # [NT, g, KT, j]
+        c6 = (w.reshape(NT, 1, 8, KT, 2, 1) >> _meta_shifts(words.device)) & 0xF
+    else:
+        w = w.reshape(NT, KT, 8, 2, 2).permute(0, 4, 2, 1, 3)  # [NT, h, g, KT, half]
+        c6 = (w.unsqueeze(-1) >> 4 * torch.arange(8, device=words.device)) & 0xF
+    codes = c6.reshape(NT * 16, KT * 4 * q)[:N, : K // 4]
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    meta = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    unpack_meta(meta, K)  # raises on a corrupt code
+    return meta.contiguous()

@@ -2,8 +2,8 @@
 
 Every op has the pure-torch ``reference`` registered as its CompositeExplicitAutograd kernel, so
 it runs on any device; device backends register on top (``cpu`` = pysparse._C C++ kernels;
-``triton`` = the Triton kernels in pysparse.kernels for CUDA tensors; ``cuda`` arrives with
-the CUDA C++ kernels). ``PYSPARSE_BACKEND=<name>`` forces one
+``cuda`` = the CUDA C++ kernels of pysparse._C_cuda and, behind them, ``triton`` = the Triton
+kernels in pysparse.kernels, for CUDA tensors). ``PYSPARSE_BACKEND=<name>`` forces one
 (``reference`` makes every op take the reference path; forcing a backend that cannot run raises).
 """
 import os
@@ -40,8 +40,8 @@ def availability() -> dict:
     from . import cpu
     out = {"cpu": cpu.status()}
     has_cuda = torch.cuda.is_available()
-    out["cuda"] = (False, "no CUDA kernels in this build (pysparse._C_cuda not built)"
-                   if has_cuda else "torch has no CUDA device here")
+    from . import cuda
+    out["cuda"] = cuda.status() if has_cuda else (False, "torch has no CUDA device here")
     from . import triton
     out["triton"] = triton.status()
     out["reference"] = (True, "pure torch, any device")
@@ -72,10 +72,18 @@ def register_all() -> None:
     for op in OPS:
         torch.library.impl(f"pysparse::{op}", "CompositeExplicitAutograd",
                            getattr(reference, op))
-    from . import cpu, triton
+    from . import cpu, cuda, triton
     cpu.register()
-    # Triton kernels serve CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, the tests):
-    # without either, neither triton nor torch._inductor (~2 s) is imported
+    # CUDA tensors: the CUDA C++ kernels (pysparse._C_cuda) where built, then the Triton
+    # kernels, then the reference, each deciding per call whether it applies. Triton's ops are
+    # also defined under TRITON_INTERPRET=1 (the tests run them on CPU tensors); without CUDA
+    # or that, neither triton nor torch._inductor (~2 s) is imported.
+    kernels = {}
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        triton.register()  # a no-op when Triton is not importable
+        if triton.register():  # False when Triton is not importable
+            kernels.update(triton.CUDA_KERNELS)
+    if torch.cuda.is_available() and cuda.register(dict(kernels)):
+        kernels.update(cuda.CUDA_KERNELS)
+    for op, fn in kernels.items():
+        torch.library.register_kernel(f"pysparse::{op}", "cuda", fn)
     _registered = True

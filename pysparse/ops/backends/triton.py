@@ -1,11 +1,21 @@
 """Triton backend: the kernels in ``pysparse.kernels`` for CUDA tensors.
 
-``pysparse::attention_triton`` is a ``torch.library.triton_op`` (its launcher calls the kernel
-through ``torch.library.wrap_triton``), so torch.compile traces into the kernel instead of
-breaking the graph; the public op ``pysparse::attention`` gets a ``CUDA`` kernel that calls it.
-Cases the kernel does not take (head_dim > 128, more than 65535 heads or batch rows,
-``PYSPARSE_BACKEND`` naming another backend) run the reference. Importing this module never
-needs Triton or a GPU; ``status()`` says why the backend cannot run here.
+Each kernel is a ``torch.library.triton_op`` (its launcher calls the kernel through
+``torch.library.wrap_triton``), so torch.compile traces into the kernel instead of breaking the
+graph; the public op gets a ``CUDA`` kernel that calls it where it applies and the reference
+otherwise:
+
+* ``pysparse::attention_triton`` -> ``pysparse::attention`` (reference for head_dim > 128,
+  more than 65535 heads or batch rows);
+* ``pysparse::quantize_per_token_triton``, ``pysparse::int8_linear_triton``,
+  ``pysparse::sparse24_linear_triton``, ``pysparse::sparse24_int8_linear_triton`` -> the public
+  ops of the same name without the suffix (reference when an offset would pass 2**31
+  elements, or for 2:4 float values of another dtype than x).
+
+``PYSPARSE_BACKEND`` naming another backend sends every op to the reference. The "where it
+applies" tests are the small ``_use_triton_*`` functions (a CUDA C++ backend goes in front of
+them). Importing this module never needs Triton or a GPU; ``status()`` says why the backend
+cannot run here.
 """
 import importlib
 
@@ -67,12 +77,77 @@ def _attention_cuda(q, k, v, mask=None, causal=False, scale=None):
     return torch.ops.pysparse.attention_triton(q, k, v, mask, causal, scale)
 
 
+def _not_forced_elsewhere() -> bool:
+    f = forced()
+    return f is None or f == "triton"
+
+
+def _linear_sizes(x, w) -> tuple | None:
+    """(M, N, K) of x [..., K] against a weight with N rows, or None when the arguments are
+    malformed (then the reference raises its own error)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() < 1 \
+            or w.dim() != 2:
+        return None
+    K = x.shape[-1]
+    return (x.numel() // K if K else 0), w.shape[0], K
+
+
+def _use_triton_quantize(x) -> bool:
+    """quantize_per_token: any float x whose element count fits 32-bit offsets."""
+    return (_not_forced_elsewhere() and isinstance(x, torch.Tensor) and x.dim() >= 1
+            and x.numel() < 2 ** 31)
+
+
+def _use_triton_linear(x, w) -> bool:
+    """int8_linear / sparse24_int8_linear (w: w_q or values_q): offsets within 32 bits."""
+    from ...kernels.int8_linear import fits_int32
+    sizes = _linear_sizes(x, w)
+    return _not_forced_elsewhere() and sizes is not None and fits_int32(*sizes)
+
+
+def _use_triton_sparse24_float(x, values) -> bool:
+    """sparse24_linear: as _use_triton_linear, and values of x's dtype (the kernel multiplies
+    x and the expanded weight in one dtype)."""
+    return _use_triton_linear(x, values) and values.dtype == x.dtype
+
+
+def _quantize_per_token_cuda(x):
+    if not _use_triton_quantize(x):
+        return reference.quantize_per_token(x)
+    return torch.ops.pysparse.quantize_per_token_triton(x)
+
+
+def _int8_linear_cuda(x, w_q, w_scale, bias=None):
+    if not _use_triton_linear(x, w_q):
+        return reference.int8_linear(x, w_q, w_scale, bias)
+    return torch.ops.pysparse.int8_linear_triton(x, w_q, w_scale, bias)
+
+
+def _sparse24_linear_cuda(x, values, meta, bias=None):
+    if not _use_triton_sparse24_float(x, values):
+        return reference.sparse24_linear(x, values, meta, bias)
+    return torch.ops.pysparse.sparse24_linear_triton(x, values, meta, bias)
+
+
+def _sparse24_int8_linear_cuda(x, values_q, meta, w_scale, bias=None):
+    if not _use_triton_linear(x, values_q):
+        return reference.sparse24_int8_linear(x, values_q, meta, w_scale, bias)
+    return torch.ops.pysparse.sparse24_int8_linear_triton(x, values_q, meta, w_scale, bias)
+
+
 _registered = False
 
 
+# the public ops' CUDA kernels on this backend (backends.register_all registers them, behind
+# the CUDA C++ kernels where those are built)
+CUDA_KERNELS = {"attention": _attention_cuda, "quantize_per_token": _quantize_per_token_cuda,
+                "int8_linear": _int8_linear_cuda, "sparse24_linear": _sparse24_linear_cuda,
+                "sparse24_int8_linear": _sparse24_int8_linear_cuda}
+
+
 def register() -> bool:
-    """Define pysparse::attention_triton and register it as pysparse::attention's CUDA kernel.
-    Returns False (and registers nothing) when Triton is not importable."""
+    """Define the ``*_triton`` ops (their CUDA kernels for the public ops: ``CUDA_KERNELS``).
+    Returns False (and defines nothing) when Triton is not importable."""
     global _registered, _IMPORT_ERROR
     if _registered:
         return True
@@ -80,8 +155,10 @@ def register() -> bool:
         return False
     try:
         from ...kernels import attention as _attn
+        from ...kernels import int8_linear as _i8
+        from ...kernels import sparse24 as _sp24
     except Exception as exc:  # noqa: BLE001 - e.g. a Triton too old for the kernel: say so
-        _IMPORT_ERROR = f"pysparse.kernels.attention did not import ({type(exc).__name__}: {exc})"
+        _IMPORT_ERROR = f"pysparse.kernels did not import ({type(exc).__name__}: {exc})"
         return False
 
     @torch.library.triton_op("pysparse::attention_triton", mutates_args=())
@@ -90,6 +167,25 @@ def register() -> bool:
                           scale: float | None = None) -> torch.Tensor:
         return _attn.attention_fwd(q, k, v, mask, causal, scale)
 
-    torch.library.register_kernel("pysparse::attention", "cuda", _attention_cuda)
+    @torch.library.triton_op("pysparse::quantize_per_token_triton", mutates_args=())
+    def _quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _i8.quantize_per_token(x)
+
+    @torch.library.triton_op("pysparse::int8_linear_triton", mutates_args=())
+    def _int8_linear_triton(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _i8.int8_linear(x, w_q, w_scale, bias)
+
+    @torch.library.triton_op("pysparse::sparse24_linear_triton", mutates_args=())
+    def _sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _sp24.sparse24_linear(x, values, meta, bias)
+
+    @torch.library.triton_op("pysparse::sparse24_int8_linear_triton", mutates_args=())
+    def _sparse24_int8_linear_triton(x: torch.Tensor, values_q: torch.Tensor,
+                                     meta: torch.Tensor, w_scale: torch.Tensor,
+                                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _sp24.sparse24_int8_linear(x, values_q, meta, w_scale, bias)
+
     _registered = True
     return True
