@@ -2,8 +2,9 @@
 the dense teacher on the bundled train texts, then 2:4+w8a8; fidelity (mean cosine, recall@10
 vs the fp32 teacher on the 256 held-out texts) after each step, and every --eval-every steps.
 
-    .venv/bin/python bench/distill_probe.py --steps 600 --lr 5e-4 --bf16 \\
-        --losses '{"embedding": 1.0, "hidden": 1.0}' [--eval-every 200] [--threads 1]
+    .venv/bin/python bench/distill_probe.py --steps 600 --lr 5e-4 --bf16 --no-dropout \\
+        --losses '{"embedding": 1.0, "hidden": 1.0}' [--layer-map '[(6, 6)]'] \\
+        [--eval-every 200] [--threads 1] [--old-split]
 """
 import argparse
 import ast
@@ -18,6 +19,7 @@ import pysparse
 from pysparse.data import load_descriptions
 from pysparse.distill import distill
 from pysparse.models import embed, load_minilm
+from pysparse.pipeline import default_texts
 from pysparse.report import cosine_fidelity, recall_at_k
 
 
@@ -33,12 +35,21 @@ def main():
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--no-group", action="store_true")
     ap.add_argument("--no-dropout", action="store_true")
+    ap.add_argument("--layer-map", default=None,
+                    help="hidden-state layer map, e.g. '[(6, 6)]' (default: every layer)")
+    ap.add_argument("--old-split", action="store_true",
+                    help="train on the 3232 texts of the first measurements, not the default "
+                         "11232-text split of `pysparse compress --distill`")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     teacher, tok = load_minilm()
-    recs = load_descriptions(seed=20261122)  # the split pysparse.pipeline.default_texts uses
-    held, calib, train = recs[:256], recs[256:384], recs[768:]
+    if a.old_split:
+        recs = load_descriptions(seed=20261122)  # the split pysparse.pipeline.default_texts uses
+        held, calib, train = recs[:256], recs[256:384], recs[768:]
+    else:  # exactly what `pysparse compress --prune sparsegpt --distill` uses
+        held, calib, train = (default_texts("eval", None), default_texts("calib", 128),
+                              default_texts("train", None))
     student = copy.deepcopy(teacher)
     pysparse.prune(student, pattern="2:4", method="sparsegpt", calib=calib, tokenizer=tok,
                    progress=False)
@@ -66,7 +77,8 @@ def main():
                   max_steps=a.steps, learning_rate=a.lr, batch_size=a.batch, bf16=a.bf16,
                   losses=ast.literal_eval(a.losses), logging_steps=10, save_steps=10 ** 6,
                   progress=False, cache_teacher=not a.no_cache, group_by_length=not a.no_group,
-                  dropout=not a.no_dropout, callbacks=[Every()])
+                  dropout=not a.no_dropout, callbacks=[Every()],
+                  layer_map=ast.literal_eval(a.layer_map) if a.layer_map else None)
     print(f"distill {res.steps} steps {time.time() - t0:.0f} s, mean losses {res.losses}, "
           f"cache {res.teacher_cache}")
     print("distilled", fidelity(student), flush=True)

@@ -29,7 +29,7 @@ SCHEMES = ("fp32", "w8a8", "2:4", "2:4+w8a8", "w8", "w4", "auto")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "random")
 _EVAL_SEED, _EVAL_N, _CALIB_N = 20261122, 256, 512
 # pysparse.distill settings of `compress --distill` (bench/RESULTS.md has what they give)
-DISTILL_DEFAULTS = {"max_steps": 1300, "learning_rate": 5e-4, "batch_size": 32,
+DISTILL_DEFAULTS = {"max_steps": 1550, "learning_rate": 5e-4, "batch_size": 32,
                     "losses": {"embedding": 1.0, "hidden": 1.0}, "bf16": True,
                     "dropout": False}
 
