@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from pysparse.ops import reference
-from pysparse.testing import tolerances
+from pysparse.testing import interpret, tolerances
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 LOG = logging.getLogger(__name__)
@@ -170,71 +170,11 @@ def _check_case(c, seed):
     assert not bool(out.isnan().any())
 
 
-def _install_bf16_dot_fix():
-    """Triton 3.9's interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those bit
-    patterns (triton-lang/triton#11584, closed as "not supported yet"). Widen bf16 operands to
-    fp32 first, which is what the tensor cores do (bf16 x bf16 products are exact in fp32,
-    accumulated in fp32). Applied only if a probe shows the bug, so a fixed Triton runs as is."""
-    import numpy as np
-    import triton
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    @triton.jit
-    def probe(a_ptr, c_ptr):
-        r = tl.arange(0, 16)
-        a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
-        tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, a))
-
-    eye, c = torch.eye(16, dtype=torch.bfloat16), torch.zeros(16, 16)
-    probe[(1,)](eye, c)
-    if torch.equal(c, torch.eye(16)):
-        return False
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(t):
-        if t.dtype.scalar != tl.bfloat16:
-            return t
-        bits = t.data.astype(np.uint32) << 16  # bf16 is the top half of an fp32
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-    return True
-
-
-def _run_grid(out_path):
-    """Script entry (TRITON_INTERPRET=1): run every case, write {name: error or None}."""
-    import traceback
-
-    import pysparse  # noqa: F401  (registers the ops, pysparse::attention_triton included)
-
-    _install_bf16_dot_fix()
-    results = {}
-    for seed, (name, c) in enumerate(CASES.items()):
-        try:
-            _check_case(c, seed)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - reported per case by the pytest side
-            results[name] = traceback.format_exc(limit=-3)
-    with open(out_path, "w") as f:
-        json.dump(results, f)
-
-
 @pytest.fixture(scope="module")
 def interpret_results(tmp_path_factory):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    out = tmp_path_factory.mktemp("interpret") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return interpret.run_script(__file__, tmp_path_factory.mktemp("interpret"))
 
 
 @pytest.mark.interpret
@@ -442,4 +382,4 @@ def test_cuda_op_matches_reference(dtype, Sq, Sk, D):
 
 
 if __name__ == "__main__":
-    _run_grid(sys.argv[1])
+    interpret.run_grid(CASES, _check_case, sys.argv[1])

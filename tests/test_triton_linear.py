@@ -17,8 +17,6 @@ without a GPU.
 import importlib.util
 import json
 import logging
-import os
-import subprocess
 import sys
 
 import pytest
@@ -26,7 +24,7 @@ import torch
 
 from pysparse.formats import sparse24 as fmt24
 from pysparse.ops import reference
-from pysparse.testing import tolerances, triton_static
+from pysparse.testing import interpret, tolerances, triton_static
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 LOG = logging.getLogger(__name__)
@@ -194,36 +192,11 @@ def _check_case(c, seed):
     return None
 
 
-def _run_grid(out_path):
-    """Script entry (TRITON_INTERPRET=1): run every case, write {name: error or None}."""
-    import traceback
-
-    from test_triton_attention import _install_bf16_dot_fix
-
-    importlib.import_module("pysparse")  # registers the ops, the *_triton ones included
-    _install_bf16_dot_fix()
-    results = {}
-    for seed, (name, c) in enumerate(CASES.items()):
-        try:
-            _check_case(c, seed)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - reported per case by the pytest side
-            results[name] = traceback.format_exc(limit=-3)
-    with open(out_path, "w") as f:
-        json.dump(results, f)
-
-
 @pytest.fixture(scope="module")
 def interpret_results(tmp_path_factory):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    out = tmp_path_factory.mktemp("interpret") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return interpret.run_script(__file__, tmp_path_factory.mktemp("interpret"))
 
 
 @pytest.mark.interpret
@@ -443,4 +416,4 @@ def test_cuda_sparse24_linear_matches_reference(dtype, M, N, K):
 
 
 if __name__ == "__main__":
-    _run_grid(sys.argv[1])
+    interpret.run_grid(CASES, _check_case, sys.argv[1])
