@@ -14,17 +14,15 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 
 from pysparse.ops import reference
-from pysparse.testing import interpret, tolerances
+from pysparse.testing import interpret, tolerances, triton_static
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 LOG = logging.getLogger(__name__)
@@ -199,15 +197,6 @@ BUILDS = [
 ]
 
 
-def _tool(name):
-    """Path of an NVIDIA tool bundled with Triton (or named by TRITON_<NAME>_PATH), or None."""
-    import triton
-    try:
-        return getattr(triton.knobs.nvidia, name).path
-    except RuntimeError:
-        return None
-
-
 def _signature(kernel, elem, mask_kind):
     """Argument types as Triton's launcher would specialise them for aligned tensors."""
     sig, attrs = {}, {}
@@ -249,16 +238,6 @@ def _build(arch, dtype, head_dim, causal, mask_kind, seq_q):
     return cfg, compiled
 
 
-def _cuobjdump(flag, cubin):
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        return subprocess.run([_tool("cuobjdump"), flag, f.name], check=True,
-                              capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
-
-
 @pytest.mark.gpu_static
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype,head_dim,causal,mask_kind,seq_q", BUILDS,
@@ -268,16 +247,16 @@ def test_build_uses_tensor_cores_without_spills(arch, dtype, head_dim, causal, m
                                                record_property):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    if _tool("cuobjdump") is None:
+    if triton_static.tool("cuobjdump") is None:
         pytest.skip("cuobjdump not found (neither in Triton's wheel nor TRITON_CUOBJDUMP_PATH)")
     ptxas = "ptxas" if arch < 90 else "ptxas_blackwell"  # Triton's choice for sm_90+
-    if _tool(ptxas) is None:
+    if triton_static.tool(ptxas) is None:
         pytest.skip(f"{ptxas} not found (neither in Triton's wheel nor TRITON_*_PATH)")
 
     cfg, compiled = _build(arch, dtype, head_dim, causal, mask_kind, seq_q)
     cubin = compiled.asm["cubin"]
-    sass = _cuobjdump("--dump-sass", cubin)
-    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump("--dump-resource-usage",
+    sass = triton_static.cuobjdump("--dump-sass", cubin)
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", triton_static.cuobjdump("--dump-resource-usage",
                                                                             cubin)))
     opcodes = set(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)",
                              sass, re.M))

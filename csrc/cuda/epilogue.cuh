@@ -22,6 +22,17 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// The W8A8 epilogue of one int32 sum, in the reference's order without FMA contraction:
+// y = (acc * x_scale) * w_scale + bias, rounded once to Out.
+template <class Out>
+__device__ __forceinline__ void store_int8_result(Out* y, long long ldy, int n, int tok, int v,
+                                                  const float* x_scale, const float* w_scale,
+                                                  const float* bias) {
+  float r = __fmul_rn(__fmul_rn(static_cast<float>(v), x_scale[tok]), w_scale[n]);
+  if (bias != nullptr) r = __fadd_rn(r, bias[n]);
+  y[tok * ldy + n] = from_float<Out>(r);
+}
+
 // DTYPE_SWITCH(dt, T, ...): runs the body with T the C++ type of dt (float / __half / bf16).
 #define PYSPARSE_DTYPE_SWITCH(DT, T, ...)                    \
   [&]() -> cudaError_t {                                     \

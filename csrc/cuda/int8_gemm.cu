@@ -48,10 +48,7 @@ __global__ void __launch_bounds__(kThreads)
   int acc[4][4] = {};
   mainloop<Int8Mma>(sm, args, n0, t0, acc);
   epilogue(acc, n0, t0, args.N, args.M, [&](int n, int tok, int v) {
-    // the reference's order, without FMA contraction: (acc * xs) * ws + bias
-    float r = __fmul_rn(__fmul_rn(static_cast<float>(v), x_scale[tok]), w_scale[n]);
-    if (bias != nullptr) r = __fadd_rn(r, bias[n]);
-    y[tok * ldy + n] = from_float<Out>(r);
+    store_int8_result(y, ldy, n, tok, v, x_scale, w_scale, bias);
   });
 }
 
