@@ -115,6 +115,10 @@ def _demo(args):
 
 def _compress(args):
     from . import pipeline
+    if args.qat and not (args.distill and pipeline.distill_qat(args.scheme, args.activation,
+                                                               args.smooth)):
+        raise ValueError("pysparse compress: --qat needs --distill and scheme w8a8 or 2:4+w8a8 "
+                         "with dynamic activations and no --smooth")
     from .io import save
     progress = not args.no_progress
     t0 = time.perf_counter()
@@ -143,6 +147,8 @@ def _compress(args):
         distill_options["learning_rate"] = args.distill_lr
     if args.no_bf16:
         distill_options["bf16"] = False
+    if args.qat:
+        distill_options.update(pipeline.DISTILL_QAT)
     recipe = {k: getattr(args, k) for k in ("scheme", "prune", "pattern", "sparsity", "activation",
                                              "smooth", "awq", "gptq", "group_size", "attention",
                                              "max_fidelity_loss", "tokens", "share", "distill",
@@ -395,6 +401,9 @@ def _parser():
                     help="peak learning rate (5e-4)")
     pc.add_argument("--no-bf16", action="store_true",
                     help="distill in fp32 (default: bf16 autocast, fp32 master weights)")
+    pc.add_argument("--qat", action="store_true",
+                    help="with --distill and a w8a8 scheme: W8A8 fake-quant (QAT) in the last "
+                         "quarter of the distillation steps")
     pc.add_argument("--quick", action="store_true",
                     help="smoke-test sizes: 16 calibration texts, 8 distillation steps")
     pc.add_argument("--out", type=Path, required=True, help="output directory")

@@ -124,6 +124,8 @@ def test_compress_eval_round_trip(tmp_path, tiny_dir, labelled, capsys):
      ["prune sparsegpt 2:4", "distill", "replace_linear 2:4+w8a8"]),
     (["--scheme", "w8a8", "--share", "2", "--distill", "--quick", "--distill-steps", "3"],
      ["share every 2", "distill", "replace_linear w8a8"]),
+    (["--scheme", "2:4+w8a8", "--distill", "--quick", "--qat", "--distill-steps", "4"],
+     ["prune magnitude 2:4", "distill", "replace_linear 2:4+w8a8"]),
 ])
 def test_compress_recipes(tmp_path, tiny_dir, labelled, capsys, argv, steps):
     import pysparse
@@ -132,6 +134,11 @@ def test_compress_recipes(tmp_path, tiny_dir, labelled, capsys, argv, steps):
                      "16", "--out", str(out), "--no-progress", "--json"]) == 0
     res = _json(capsys)
     assert [s["step"] for s in res["steps"]] == steps
+    if "--distill" in argv:  # --qat: fake-quant QAT in the last quarter of the steps
+        d = next(s["distill"] for s in res["steps"] if s["step"] == "distill")
+        qat = "w8a8" if "--qat" in argv else None
+        assert res["recipe"]["distill_options"].get("qat") == qat
+        assert d["qat_step"] == (None if qat is None else int(0.75 * d["steps"]))
     model = pysparse.load(out)
     assert model is not None
     assert cli.main(["eval", str(out), "--data", str(labelled), "--no-progress", "--json"]) == 0
@@ -148,6 +155,11 @@ def test_cli_user_errors_exit_1_without_traceback(tmp_path, tiny_dir, capsys):
     assert cli.main(["compress", str(tiny_dir), "--scheme", "w8a8", "--awq", "--out",
                      str(tmp_path / "o2"), "--no-progress"]) == 1
     assert "--awq" in capsys.readouterr().err
+    for argv in (["--scheme", "w8a8", "--qat"], ["--scheme", "2:4", "--distill", "--qat"],
+                 ["--scheme", "w8a8", "--distill", "--qat", "--smooth", "0.5"]):
+        assert cli.main(["compress", str(tiny_dir), *argv, "--out", str(tmp_path / "o4"),
+                         "--no-progress"]) == 1
+        assert "--qat needs --distill" in capsys.readouterr().err
     bad = tmp_path / "empty.txt"
     bad.write_text("\n\n")
     assert cli.main(["compress", str(tiny_dir), "--calib", str(bad), "--out",

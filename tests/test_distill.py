@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import pysparse
 from pysparse.distill import (HiddenProjection, attention_kl, default_layer_map, distill,
-                              embedding_loss, hidden_mse, logit_kd, share_layers,
-                              similarity_loss)
+                              embedding_loss, hidden_mse, logit_kd, neighbour_kl,
+                              share_layers, similarity_loss)
 from pysparse.formats.sparse24 import is_24
 from pysparse.testing.models import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -379,6 +379,68 @@ def test_similarity_loss_formula_and_padding():
         similarity_loss(s, t[..., :8])
 
 
+@pytest.mark.parametrize("T", [0.05, 1.0])
+def test_neighbour_kl_formula_padding_and_self_bank(T):
+    s, t = torch.randn(5, 7, 16), torch.randn(5, 7, 16)
+    bank = F.normalize(torch.randn(11, 16), dim=-1)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[2, 3:] = 0
+    es = F.normalize(pysparse.distill.losses.mean_pool(s, mask), dim=-1)
+    et = F.normalize(pysparse.distill.losses.mean_pool(t, mask), dim=-1)
+    ps, pt = (es @ bank.T / T).softmax(-1), (et @ bank.T / T).softmax(-1)
+    want = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    torch.testing.assert_close(neighbour_kl(s, t, bank, mask, temperature=T), want)
+    s2 = s.clone()
+    s2[2, 3:] = 1e3  # padding never counts
+    torch.testing.assert_close(neighbour_kl(s2, t, bank, mask, temperature=T), want)
+    assert float(neighbour_kl(t, t, bank, mask, temperature=T)) == pytest.approx(0, abs=1e-6)
+    # self_bank: the batch's own teacher embeddings are the anchors, each row's own left out
+    own = neighbour_kl(s, t, et, mask, temperature=T, self_bank=True)
+    for i in range(5):
+        keep = [j for j in range(5) if j != i]
+        qs = (es[i] @ et[keep].T / T).softmax(-1)
+        qt = (et[i] @ et[keep].T / T).softmax(-1)
+        own = own - (qt * (qt.log() - qs.log())).sum() / 5
+    assert float(own) == pytest.approx(0, abs=1e-5)
+    g = s.clone().requires_grad_(True)
+    neighbour_kl(g, t, bank, mask, temperature=T).backward()
+    assert g.grad.abs().sum() > 0 and g.grad[2, 3:].abs().sum() == 0
+    with pytest.raises(ValueError, match="widths"):
+        neighbour_kl(s, t, bank[:, :8])
+    with pytest.raises(ValueError, match="temperature"):
+        neighbour_kl(s, t, bank, temperature=0)
+    with pytest.raises(ValueError, match="one anchor per row"):
+        neighbour_kl(s, t, bank, self_bank=True)
+
+
+def test_anchor_bank_is_a_fifo_of_earlier_batches():
+    from pysparse.distill.losses import AnchorBank
+    bank = AnchorBank(5)
+    a, b, c = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    got, own = bank.anchors(a)
+    assert own and got is a  # empty: the batch itself (its own rows left out by the loss)
+    bank.push(a)
+    got, own = bank.anchors(b)
+    assert not own and torch.equal(got, a)
+    bank.push(b)
+    bank.push(c)  # newest first, capped at 5
+    assert torch.equal(bank.anchors(a)[0], torch.cat([c, b[:2]]))
+    with pytest.raises(ValueError, match="bank size"):
+        AnchorBank(-1)
+
+
+def test_distill_with_the_neighbours_loss(tmp_path):
+    student, teacher = _pair()
+    res = distill(student, teacher, _Ids(48, 128), output_dir=tmp_path, max_steps=6,
+                  batch_size=8, learning_rate=3e-3, progress=False, logging_steps=1,
+                  losses={"embedding": 1.0, "neighbours": 1.0}, bank_size=16)
+    assert res.steps == 6 and set(res.losses) == {"embedding", "neighbours"}
+    assert res.losses["neighbours"] > 0 and math.isfinite(res.history[-1]["loss"])
+    with pytest.raises(ValueError, match="temperature"):
+        distill(*_pair(), _Ids(8, 128), output_dir=tmp_path, max_steps=1,
+                losses={"neighbours": 1.0}, bank_temperature=-1)
+
+
 class _CharTok:
     """A tokenizer stand-in: one id per character (1 + ord % 100), pad id 0."""
 
@@ -483,6 +545,39 @@ def test_distill_texts_cache_the_teacher_after_the_first_epoch(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
     assert all(p == 0.0 for ps in seen for p in ps) and seen
     assert all(m.p == 0.1 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_distill_qat_start_switches_in_place_mid_run(tmp_path):
+    """qat="w8a8", qat_start=0.5: the first half trains the float student, the second half the
+    fake-quant one; the switch keeps the very parameter tensors (the optimizer goes on training
+    them) and the 2:4 masks."""
+    from transformers import TrainerCallback
+
+    from pysparse.quant.qat import QATLinear
+    student, teacher = _pair()
+    params = {n: p for n, p in student.named_parameters()}
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(sum(isinstance(m, QATLinear) for m in student.modules()))
+
+    res = distill(student, teacher, _Ids(32, 128), output_dir=tmp_path, max_steps=6,
+                  batch_size=8, learning_rate=3e-3, progress=False, logging_steps=1,
+                  qat="w8a8", qat_start=0.5, callbacks=[Watch()])
+    n_lin = sum(isinstance(m, torch.nn.Linear) for m in teacher.modules())
+    assert res.qat_step == 3 and seen == [0, 0, 0] + [n_lin] * 3
+    assert {n: p for n, p in student.named_parameters()}.keys() == params.keys()
+    for n, p in student.named_parameters():
+        assert p is params[n], n
+    for n, m in student.named_modules():
+        if isinstance(m, QATLinear):
+            assert is_24(m.weight.detach()), n
+    with pytest.raises(ValueError, match="qat must be"):
+        distill(*_pair(), _Ids(8, 128), output_dir=tmp_path, max_steps=1, qat="w4a4")
+    with pytest.raises(ValueError, match="qat_start"):
+        distill(*_pair(), _Ids(8, 128), output_dir=tmp_path, max_steps=1, qat="w8a8",
+                qat_start=1.0)
 
 
 def test_distill_with_qat_fake_quant_then_real_2_4_int8(tmp_path):

@@ -580,9 +580,12 @@ def test_prepare_train_convert(arch):
     model = ARCHS[arch]()
     ids = _ids()
     ref = _out(model, ids)
+    before = dict(model.named_parameters())
     rep = pysparse.prepare_qat(model)
     n = len(rep.replaced)
     assert n > 0 and sum(isinstance(m, qat.QATLinear) for m in model.modules()) == n
+    if arch == "bert":  # nn.Linear turns into QATLinear in place: the same parameter tensors
+        assert all(p is before[name] for name, p in model.named_parameters())
     assert tolerances.sqnr_db(ref, _out(model, ids)) > tolerances.W8A8_SQNR_DB - 5
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()

@@ -14,6 +14,11 @@
   MSE between the in-batch cosine-similarity matrices of student and teacher embeddings, so
   the student keeps which texts are neighbours (what retrieval / recall@k measures).
 
+* ``neighbour_kl``: anchor-similarity KD for sentence-embedding students (CompRess): KL between
+  the softmax (at a low temperature) of the teacher's and the student's similarities to a bank
+  of teacher embeddings of other texts (``AnchorBank``, a queue of recent batches), so the
+  student ranks each text's nearest neighbours as the teacher does.
+
 Every loss averages over valid tokens / rows, so padding never counts, and returns a 0-d
 tensor. Shapes are checked with clear errors.
 """
@@ -181,5 +186,64 @@ def similarity_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     return (s @ s.T - t @ t.T)[off].pow(2).mean()
 
 
+def neighbour_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, bank: torch.Tensor,
+                 mask=None, temperature: float = 0.05, self_bank: bool = False) -> torch.Tensor:
+    """Anchor-similarity KD for sentence embeddings (CompRess, Abbasi Koohpayegani et al.
+    2020): KL(softmax(t . bank / T) || softmax(s . bank / T)), batch mean, where s and t are the
+    L2-normalised mean-pooled last hidden states [B, S, H] of student and teacher and ``bank``
+    [K, H] holds L2-normalised teacher embeddings of other texts. A small temperature puts the
+    weight on each text's nearest anchors, so the student learns to rank its neighbours as
+    the teacher does (what nearest-neighbour recall measures), not only to point the same way.
+    self_bank: ``bank`` is the batch's own teacher embeddings (row i is text i): each text's
+    own anchor is left out (it would take all the weight)."""
+    _check_temperature(temperature)
+    if not (student_hidden.shape[-1] == teacher_hidden.shape[-1] == bank.shape[-1]):
+        raise ValueError(f"{_WHO}.neighbour_kl: widths {student_hidden.shape[-1]}, "
+                         f"{teacher_hidden.shape[-1]} and bank {bank.shape[-1]} differ")
+    if bank.dim() != 2 or bank.shape[0] < 1:
+        raise ValueError(f"{_WHO}.neighbour_kl: bank must be [K >= 1, H], got {tuple(bank.shape)}")
+    s = F.normalize(mean_pool(student_hidden.float(), mask), dim=-1)
+    t = F.normalize(mean_pool(teacher_hidden.detach().float(), mask), dim=-1)
+    bank = bank.detach().float()
+    ls, lt = s @ bank.T / temperature, t @ bank.T / temperature
+    if self_bank:
+        if bank.shape[0] != s.shape[0] or s.shape[0] < 2:
+            return student_hidden.sum() * 0.0 if s.shape[0] < 2 else _bad_self_bank(bank, s)
+        eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+        ls, lt = ls.masked_fill(eye, -1e4), lt.masked_fill(eye, -1e4)
+    return F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), reduction="batchmean",
+                    log_target=True)
+
+
+def _bad_self_bank(bank, s):
+    raise ValueError(f"{_WHO}.neighbour_kl: self_bank needs one anchor per row, got "
+                     f"{bank.shape[0]} anchors for {s.shape[0]} rows")
+
+
+class AnchorBank:
+    """FIFO of the last ``size`` L2-normalised teacher embeddings (MoCo-style queue), the
+    anchors of ``neighbour_kl``. ``anchors(t)`` returns (anchors, self_bank): the queue (earlier
+    batches, so never the texts themselves), or while it is empty the batch's own embeddings
+    ``t`` (``neighbour_kl(..., self_bank=True)`` then leaves each text's own one out)."""
+
+    def __init__(self, size: int = 4096):
+        if not (isinstance(size, int) and size >= 0):
+            raise ValueError(f"{_WHO}: bank size must be an int >= 0, got {size!r}")
+        self.size, self.queue = size, None
+
+    def anchors(self, t: torch.Tensor):
+        return (t, True) if self.queue is None else (self.queue.to(t.device), False)
+
+    def push(self, t: torch.Tensor):
+        t = t.detach().float()
+        q = t if self.queue is None else torch.cat([t, self.queue.to(t.device)])
+        self.queue = q[:self.size] if self.size else None
+
+
+def pooled_normalized(hidden: torch.Tensor, mask=None) -> torch.Tensor:
+    """L2-normalised mean-pooled embeddings [B, H] of hidden states [B, S, H], fp32, no grad."""
+    return F.normalize(mean_pool(hidden.detach().float(), mask), dim=-1)
+
+
 __all__ = ["logit_kd", "hidden_mse", "attention_kl", "embedding_loss", "similarity_loss",
-           "mean_pool", "HiddenProjection", "default_layer_map"]
+           "neighbour_kl", "AnchorBank", "mean_pool", "HiddenProjection", "default_layer_map"]

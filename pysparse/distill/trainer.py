@@ -12,13 +12,17 @@ the loss is the weighted sum of the terms in ``losses`` (pysparse.distill.losses
   returns the maps),
 * ``"embedding"``: 1 - cosine of the mean-pooled last hidden states (sentence embeddings),
 * ``"similarity"``: MSE of the in-batch cosine-similarity matrices of those embeddings
-  (relational KD: keeps which texts are neighbours).
+  (relational KD: keeps which texts are neighbours),
+* ``"neighbours"``: KL of the softmax similarities (``bank_temperature``) to a queue of the
+  last ``bank_size`` teacher embeddings (anchor KD, CompRess: ranks neighbours as the
+  teacher does).
 
 Default: ``{"logits": 1.0}`` for a model with a head (``...ForSequenceClassification``,
 ``...ForCausalLM``: logits KD, plus the hard-label loss where the data has labels), else
 ``{"embedding": 1.0, "hidden": 1.0}``. Pruned weights stay exactly zero
 (``prune.schedule.MaskEnforcer``: gradient hooks plus re-masking after every optimizer step).
-Fake-quant QAT modules (``pysparse.prepare_qat``) train as they are. ``bf16=True`` trains under
+Fake-quant QAT modules (``pysparse.prepare_qat``) train as they are; ``qat="w8a8"`` switches
+them on from ``qat_start`` (a fraction of the steps) on. ``bf16=True`` trains under
 bf16 autocast (AMX-BF16 / AVX512-BF16 on CPU, tensor cores on CUDA). Checkpoints go to
 ``output_dir`` every ``save_steps``; ``resume=True`` continues from the last one.
 """
@@ -34,8 +38,8 @@ from torch import nn
 
 from . import losses as L
 
-LOSSES = ("logits", "hidden", "attention", "embedding", "similarity")
-_POOLED = ("embedding", "similarity")  # losses on the last hidden state
+LOSSES = ("logits", "hidden", "attention", "embedding", "similarity", "neighbours")
+_POOLED = ("embedding", "similarity", "neighbours")  # losses on the last hidden state
 _WHO = "pysparse.distill"
 _PROJ = "pysparse_distill_projection"
 
@@ -48,6 +52,7 @@ class DistillResult:
     history: list = field(default_factory=list)  # [{"step", "loss"}], every logging_steps
     output_dir: str = ""
     teacher_cache: dict | None = None  # rows served from the cache / run through the teacher
+    qat_step: int | None = None  # the step from which the student trained with fake-quant
 
     def to_dict(self):
         return self.__dict__.copy()
@@ -217,8 +222,9 @@ def _make_trainer_class():
         """Trainer whose loss is the distillation loss against ``self.teacher``."""
 
         def __init__(self, *args, teacher, weights, layer_map, temperature, alpha, cache,
-                     **kwargs):
+                     bank=None, bank_temperature=0.05, **kwargs):
             super().__init__(*args, **kwargs)
+            self.bank, self.bank_temperature = bank, bank_temperature
             self.teacher, self.weights, self.layer_map = teacher, weights, layer_map
             self.cache = cache
             self.temperature, self.alpha = temperature, alpha
@@ -259,6 +265,13 @@ def _make_trainer_class():
             if self.weights.get("similarity", 0) > 0:
                 parts["similarity"] = L.similarity_loss(s.hidden_states[-1],
                                                         t.hidden_states[-1], mask)
+            if self.weights.get("neighbours", 0) > 0:
+                t_emb = L.pooled_normalized(t.hidden_states[-1], mask)
+                anchors, own = self.bank.anchors(t_emb)
+                parts["neighbours"] = L.neighbour_kl(
+                    s.hidden_states[-1], t.hidden_states[-1], anchors, mask,
+                    temperature=self.bank_temperature, self_bank=own)
+                self.bank.push(t_emb)
             for k, v in parts.items():
                 total = total + self.weights[k] * v
                 self.parts[k] += float(v.detach())
@@ -306,6 +319,25 @@ def _use_eager(student_attention, max_length):
     return student_attention == "eager"
 
 
+def _qat_callback(student, scheme, step):
+    """A TrainerCallback that turns the student's linears into fake-quant QATLinear modules
+    (in place, the parameters and the optimizer state stay) once ``global_step >= step``; also
+    right away when a run resumes from a checkpoint past it."""
+    from transformers import TrainerCallback
+
+    from ..quant.qat import prepare_qat
+
+    class QATStart(TrainerCallback):
+        done = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.done and state.global_step >= step:
+                prepare_qat(student, scheme, exclude=("lm_head", f"{_PROJ}.*"))
+                self.done = True
+
+    return QATStart()
+
+
 def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, *,
             output_dir, losses: dict | None = None, temperature: float = 2.0,
             alpha: float = 0.5, layer_map=None, epochs: float = 1.0, max_steps: int = -1,
@@ -315,7 +347,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
             logging_steps: int = 25, seed: int = 0, progress: bool = True,
             group_by_length: bool = True, cache_teacher: bool = True, cache_gb: float = 6.0,
             dropout: bool = True, student_attention: str | None = "auto", callbacks=(),
-            **training_args) -> DistillResult:
+            qat: str | None = None, qat_start: float = 0.0, bank_size: int = 4096,
+            bank_temperature: float = 0.05, **training_args) -> DistillResult:
     """Distill ``teacher`` into ``student`` in place (module docstring); returns what was done.
 
     train_data: texts, (text, int label) pairs, or a torch Dataset of tokenized dicts (then
@@ -330,6 +363,12 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     slower than eager's batched matmuls at these lengths), else unchanged; None: unchanged.
     cache_gb: budget of the teacher-output cache (fp16; only what the texts need is used:
     ~4.6 GiB for the 11232 bundled train texts with the default losses).
+    bank_size / bank_temperature: the anchor queue and temperature of the "neighbours" loss.
+    qat: "w8a8" to train the student's linear layers with W8A8 fake-quant
+    (``pysparse.prepare_qat``) from ``qat_start`` (a fraction of the run's steps, in [0, 1))
+    on, so the last steps learn to absorb the rounding of the int8 model it becomes; the layers
+    stay QATLinear after training (``pysparse.convert_qat`` or ``replace_linear(model,
+    "w8a8")`` / ``"2:4+w8a8"`` turn them into the real kernels). None: no QAT.
     """
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -356,6 +395,14 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     if not 0 <= alpha <= 1:
         raise ValueError(f"{_WHO}: alpha must be in [0, 1], got {alpha}")
     L._check_temperature(temperature)
+    L._check_temperature(bank_temperature)
+    bank = L.AnchorBank(bank_size) if losses.get("neighbours", 0) > 0 else None
+    from ..quant.qat import SCHEMES as _QAT_SCHEMES
+    if qat is not None and qat not in _QAT_SCHEMES:
+        raise ValueError(f"{_WHO}: qat must be None or one of {_QAT_SCHEMES}, got {qat!r}")
+    if not (isinstance(qat_start, (int, float)) and 0 <= qat_start < 1):
+        raise ValueError(f"{_WHO}: qat_start must be a fraction of the steps in [0, 1), got "
+                         f"{qat_start!r}")
     eager = _use_eager(student_attention, max_length)
     n_s, n_t = _n_hidden(student), _n_hidden(teacher)
     layer_map = [tuple(p) for p in (layer_map or L.default_layer_map(n_s, n_t))]
@@ -413,11 +460,16 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
         **({"ddp_backend": "gloo"} if not torch.cuda.is_available()
            and int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
         **training_args)
+    qat_step = None
+    if qat is not None:
+        qat_step = int(qat_start * total)
+        callbacks.append(_qat_callback(student, qat, qat_step))
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(model=student, args=args, train_dataset=dataset,
                           data_collator=_Collate(tok) if tok is not None else None,
                           callbacks=callbacks, teacher=teacher, weights=dict(losses),
-                          layer_map=layer_map, temperature=temperature, alpha=alpha, cache=cache)
+                          layer_map=layer_map, temperature=temperature, alpha=alpha, cache=cache,
+                          bank=bank, bank_temperature=bank_temperature)
     ckpt = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     t0 = time.perf_counter()
     try:
@@ -440,7 +492,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
                if "loss" in h]
     return DistillResult(steps=int(state.global_step), seconds=round(time.perf_counter() - t0, 2),
                          losses={k: v / n for k, v in trainer.parts.items()}, history=history,
-                         output_dir=str(out),
+                         output_dir=str(out), qat_step=qat_step,
                          teacher_cache=None if cache is None else {
                              "rows_cached": cache.rows_cached, "rows_run": cache.rows_run,
                              "texts": len(cache.store), "mb": round(cache.bytes / 2 ** 20, 1)})

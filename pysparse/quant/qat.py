@@ -103,8 +103,13 @@ class QATLinear(nn.Linear):
 def prepare_qat(model: nn.Module, scheme: str = "w8a8", *, include=None,
                 exclude: Iterable[str] | str | None = ("lm_head",),
                 filter_fn: Callable | None = None) -> Report:
-    """Replace the selected linear layers of ``model`` (in place) with fake-quantizing QATLinear
-    modules; train as usual, then ``convert_qat``. scheme: "w8a8" (the only one so far)."""
+    """Turn the selected linear layers of ``model`` into fake-quantizing QATLinear modules;
+    train as usual, then ``convert_qat``. scheme: "w8a8" (the only one so far).
+
+    A plain nn.Linear becomes a QATLinear in place and keeps its parameters (the same tensors),
+    so an optimizer built before still trains them: QAT can start in the middle of a run
+    (``pysparse.distill(..., qat="w8a8", qat_start=0.75)``). Other linears (transformers'
+    Conv1D) are replaced by a new QATLinear holding a copy of their weights."""
     if scheme not in SCHEMES:
         raise ValueError(f"pysparse.prepare_qat: unknown scheme {scheme!r}; choose one of "
                          f"{', '.join(map(repr, SCHEMES))}")
@@ -124,7 +129,10 @@ def prepare_qat(model: nn.Module, scheme: str = "w8a8", *, include=None,
         else:
             report.layers.append(LayerResult(name, "skipped", reason, _shape(module)))
     for parent, attr, module in plan:
-        setattr(parent, attr, QATLinear.from_linear(module))
+        if type(module) is nn.Linear:  # in place: the same parameter tensors keep training
+            module.__class__ = QATLinear
+        else:
+            setattr(parent, attr, QATLinear.from_linear(module))
     return report
 
 
