@@ -37,6 +37,11 @@ def main():
     ap.add_argument("--no-dropout", action="store_true")
     ap.add_argument("--layer-map", default=None,
                     help="hidden-state layer map, e.g. '[(6, 6)]' (default: every layer)")
+    ap.add_argument("--qat-from", type=int, default=0,
+                    help="switch the student's linears to W8A8 fake-quant (QAT) from this step")
+    ap.add_argument("--ema", default="",
+                    help="comma-separated EMA decays of the weights to evaluate too, e.g. 0.99")
+    ap.add_argument("--save", default="", help="save the distilled fp32 student state here")
     ap.add_argument("--old-split", action="store_true",
                     help="train on the 3232 texts of the first measurements, not the default "
                          "11232-text split of `pysparse compress --distill`")
@@ -71,19 +76,54 @@ def main():
                       flush=True)
                 model.train(was)
 
+    emas = [float(d) for d in a.ema.split(",") if d]
+    shadow = {}
+
+    class QatEma(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if a.qat_from and state.global_step == a.qat_from:
+                from pysparse.quant.qat import QATLinear
+                from pysparse.replace import linear_layers
+                n = 0
+                for _, _, _, m, reason in linear_layers(student):
+                    if reason is None and type(m) is torch.nn.Linear:
+                        m.__class__ = QATLinear
+                        n += 1
+                print(f"step {state.global_step}: QAT on for {n} linears", flush=True)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            with torch.no_grad():
+                for d in emas:
+                    sh = shadow.setdefault(d, {})
+                    for name, p in student.named_parameters():
+                        if name not in sh:
+                            sh[name] = p.detach().float().clone()
+                        else:
+                            sh[name].lerp_(p.detach().float(), 1 - d)
+
     print("sparsegpt 2:4 (cosine, recall@10)", fidelity(student), flush=True)
     t0 = time.time()
     res = distill(student, teacher, train, tok, output_dir=tempfile.mkdtemp(prefix="probe-"),
                   max_steps=a.steps, learning_rate=a.lr, batch_size=a.batch, bf16=a.bf16,
                   losses=ast.literal_eval(a.losses), logging_steps=10, save_steps=10 ** 6,
                   progress=False, cache_teacher=not a.no_cache, group_by_length=not a.no_group,
-                  dropout=not a.no_dropout, callbacks=[Every()],
+                  dropout=not a.no_dropout, callbacks=[Every(), QatEma()],
                   layer_map=ast.literal_eval(a.layer_map) if a.layer_map else None)
     print(f"distill {res.steps} steps {time.time() - t0:.0f} s, mean losses {res.losses}, "
           f"cache {res.teacher_cache}")
-    print("distilled", fidelity(student), flush=True)
-    pysparse.replace_linear(student, "2:4+w8a8")
-    print("2:4+w8a8", fidelity(student), flush=True)
+    if a.save:
+        torch.save({k: v for k, v in student.state_dict().items()}, a.save)
+    variants = {"final": student}
+    for d, sh in shadow.items():
+        m = copy.deepcopy(student)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                p.copy_(sh[name] * (p != 0))  # the 2:4 zeros stay zero
+        variants[f"ema {d}"] = m
+    for label, m in variants.items():
+        print(label, "distilled", fidelity(m), flush=True)
+        pysparse.replace_linear(m, "2:4+w8a8")
+        print(label, "2:4+w8a8", fidelity(m), flush=True)
 
 
 if __name__ == "__main__":
