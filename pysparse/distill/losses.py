@@ -181,7 +181,7 @@ def similarity_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     if B < 2:
         return student_hidden.sum() * 0.0
     s = F.normalize(mean_pool(student_hidden.float(), mask), dim=-1)
-    t = F.normalize(mean_pool(teacher_hidden.detach().float(), mask), dim=-1)
+    t = pooled_normalized(teacher_hidden, mask)
     off = ~torch.eye(B, dtype=torch.bool, device=s.device)
     return (s @ s.T - t @ t.T)[off].pow(2).mean()
 
@@ -202,22 +202,21 @@ def neighbour_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, ban
                          f"{teacher_hidden.shape[-1]} and bank {bank.shape[-1]} differ")
     if bank.dim() != 2 or bank.shape[0] < 1:
         raise ValueError(f"{_WHO}.neighbour_kl: bank must be [K >= 1, H], got {tuple(bank.shape)}")
+    B = student_hidden.shape[0]
+    if self_bank and bank.shape[0] != B:
+        raise ValueError(f"{_WHO}.neighbour_kl: self_bank needs one anchor per row, got "
+                         f"{bank.shape[0]} anchors for {B} rows")
+    if self_bank and B < 2:  # no other text to rank
+        return student_hidden.sum() * 0.0
     s = F.normalize(mean_pool(student_hidden.float(), mask), dim=-1)
-    t = F.normalize(mean_pool(teacher_hidden.detach().float(), mask), dim=-1)
+    t = pooled_normalized(teacher_hidden, mask)
     bank = bank.detach().float()
     ls, lt = s @ bank.T / temperature, t @ bank.T / temperature
     if self_bank:
-        if bank.shape[0] != s.shape[0] or s.shape[0] < 2:
-            return student_hidden.sum() * 0.0 if s.shape[0] < 2 else _bad_self_bank(bank, s)
-        eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+        eye = torch.eye(B, dtype=torch.bool, device=s.device)
         ls, lt = ls.masked_fill(eye, -1e4), lt.masked_fill(eye, -1e4)
     return F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), reduction="batchmean",
                     log_target=True)
-
-
-def _bad_self_bank(bank, s):
-    raise ValueError(f"{_WHO}.neighbour_kl: self_bank needs one anchor per row, got "
-                     f"{bank.shape[0]} anchors for {s.shape[0]} rows")
 
 
 class AnchorBank:
