@@ -468,7 +468,8 @@ def test_text_data_and_collate_pad_on_the_right(side):
     assert torch.equal(b["input_ids"] != 0, b["attention_mask"].bool())
 
 
-def test_teacher_cache_returns_the_teachers_outputs_for_any_batching():
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_teacher_cache_returns_the_teachers_outputs_for_any_batching(dtype):
     from pysparse.distill.trainer import _TeacherCache
     import transformers
     teacher = transformers.BertForSequenceClassification(transformers.BertConfig(
@@ -490,25 +491,42 @@ def test_teacher_cache_returns_the_teachers_outputs_for_any_batching():
             want = teacher(**inputs, output_hidden_states=True)
         keep = inputs["attention_mask"].bool()
         for j in layers:
-            torch.testing.assert_close(got.hidden_states[j][keep], want.hidden_states[j][keep],
-                                       atol=2e-3, rtol=2e-3)  # kept in fp16
+            g, w = got.hidden_states[j][keep], want.hidden_states[j][keep]
+            if dtype == "fp16":
+                torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
+            else:  # per-token int8: each entry within half a step (absmax / 127) of the truth
+                step = w.abs().amax(-1, keepdim=True) / 127
+                assert ((g - w).abs() <= step * 0.5 + 1e-6).all()
+                assert (g - w).abs().max() > 0  # really rounded
             assert got.hidden_states[j][~keep].abs().max() == 0
         assert got.hidden_states[1] is None
         torch.testing.assert_close(got.logits, want.logits, atol=2e-3, rtol=2e-3)
 
-    cache = _TeacherCache({0, 2}, 2, True, budget=2 ** 30)
+    cache = _TeacherCache({0, 2}, 2, True, budget=2 ** 30, dtype=dtype)
     x = batch([0, 1, 2, 3], 12)
     check(cache.run(teacher, x, torch.tensor([0, 1, 2, 3]), output_hidden_states=True), x)
     assert (cache.rows_run, cache.rows_cached, len(cache.store)) == (4, 0, 4)
+    # hidden states: 2 layers x (5 + 9 + 3 + 12) tokens x 32, at 2 bytes or 1 byte + a 4-byte
+    # scale per token and layer; logits: 4 x 3 fp16
+    tokens = 5 + 9 + 3 + 12
+    want_bytes = (2 * tokens * 32 * 2 if dtype == "fp16" else 2 * tokens * (32 + 4)) + 4 * 3 * 2
+    assert cache.bytes == want_bytes
     x = batch([3, 4, 1, 0], 14)  # other order, longer padding, one new example
     check(cache.run(teacher, x, torch.tensor([3, 4, 1, 0]), output_hidden_states=True), x)
     assert (cache.rows_run, cache.rows_cached) == (5, 3)  # the teacher ran on row 4 only
-    small = _TeacherCache({2}, 2, True, budget=1)  # room for the first example only
+    small = _TeacherCache({2}, 2, True, budget=1, dtype=dtype)  # room for the first example
     for _ in range(2):
         x = batch([2, 0, 4], 8)
         check(small.run(teacher, x, torch.tensor([2, 0, 4]), output_hidden_states=True), x,
               layers=(2,))
     assert list(small.store) == [2] and (small.rows_run, small.rows_cached) == (5, 1)
+
+
+def test_distill_rejects_an_unknown_cache_dtype(tmp_path):
+    student, teacher = _pair()
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        distill(student, teacher, ["a b"] * 4, _CharTok(), output_dir=tmp_path, max_steps=1,
+                cache_dtype="fp8", progress=False)
 
 
 def test_distill_texts_cache_the_teacher_after_the_first_epoch(tmp_path):
