@@ -293,12 +293,26 @@ def test_distill_student_attention_eager_trains_the_same_and_is_restored(tmp_pat
                 student_attention="flash")
 
 
-def test_distill_bf16_autocast(tmp_path):
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_distill_bf16_autocast_covers_the_teacher_too(tmp_path, bf16, cache):
+    """bf16=True: student and teacher both run under bf16 autocast (the Trainer's own autocast
+    wraps only the student's forward, so the hooks sit on a submodule); bf16=False: neither."""
     student, teacher = _pair()
-    res = distill(student, teacher, _Ids(16, 128), output_dir=tmp_path, max_steps=2,
-                  batch_size=8, bf16=True, progress=False)
+    seen = {"teacher": [], "student": []}
+    hooks = [m.register_forward_hook(lambda *_, who=who: seen[who].append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+        for who, m in (("teacher", teacher.encoder), ("student", student.encoder))]
+    texts = [f"text number {i} " * (1 + i % 3) for i in range(16)]
+    res = distill(student, teacher, texts, _CharTok(), output_dir=tmp_path, max_steps=2,
+                  batch_size=8, bf16=bf16, progress=False, cache_teacher=cache, max_length=32)
+    for h in hooks:
+        h.remove()
     assert res.steps == 2
+    assert len(seen["teacher"]) == 2 and len(seen["student"]) == 2
+    assert seen["teacher"] == [bf16] * 2 and seen["student"] == [bf16] * 2
     assert next(student.parameters()).dtype == torch.float32  # autocast, master weights fp32
+    assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """``pysparse.distill``: train a compressed student against its dense teacher with the
 transformers ``Trainer``, so accelerate / ``torchrun`` DDP / FSDP scale it unchanged.
 
-Per batch the teacher runs in eval mode under ``torch.no_grad`` and the student in train mode;
+Per batch the teacher runs in eval mode under ``torch.no_grad`` (and, with ``bf16=True``, under
+bf16 autocast like the student) and the student in train mode;
 the loss is the weighted sum of the terms in ``losses`` (pysparse.distill.losses):
 
 * ``"logits"``: KD at ``temperature`` mixed with the hard-label loss by ``alpha`` (when the data
@@ -26,6 +27,7 @@ them on from ``qat_start`` (a fraction of the steps) on. ``bf16=True`` trains un
 bf16 autocast (AMX-BF16 / AVX512-BF16 on CPU, tensor cores on CUDA). Checkpoints go to
 ``output_dir`` every ``save_steps``; ``resume=True`` continues from the last one.
 """
+import contextlib
 import math
 import os
 import time
@@ -271,12 +273,19 @@ def _make_trainer_class():
             mask = inputs.get("attention_mask")
             if next(self.teacher.parameters()).device != dev:
                 self.teacher.to(dev)
-            if self.cache is not None and idx is not None and mask is not None:
-                t = self.cache.run(self.teacher, inputs, idx, output_hidden_states=need_hidden)
-            else:
-                with torch.no_grad():
-                    t = self.teacher(**inputs, output_hidden_states=need_hidden,
-                                     output_attentions=attn)
+            # the Trainer's bf16 autocast wraps only the student's forward: without this the
+            # teacher ran in fp32 (measured on MiniLM, batch 32: 0.45 s against 0.22 s per
+            # uncached step; bf16 targets are within cosine 0.99999 of the fp32 ones)
+            amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if self.args.bf16
+                   else contextlib.nullcontext())
+            with amp:
+                if self.cache is not None and idx is not None and mask is not None:
+                    t = self.cache.run(self.teacher, inputs, idx,
+                                       output_hidden_states=need_hidden)
+                else:
+                    with torch.no_grad():
+                        t = self.teacher(**inputs, output_hidden_states=need_hidden,
+                                         output_attentions=attn)
             s = model(**inputs, output_hidden_states=need_hidden, output_attentions=attn)
             raw = self._unwrap(model)
             total, parts = 0.0, {}
