@@ -12,7 +12,6 @@ fp32 teacher on the 256 evaluation texts) and how many groups changed their mask
     .venv/bin/python bench/distill_learned_masks.py [--steps 1550] [--shrink 0.01] [--save S.pt]
 """
 import argparse
-import copy
 import tempfile
 import time
 
@@ -22,11 +21,11 @@ from torch.nn.utils import parametrize
 from transformers import TrainerCallback
 
 import pysparse
+from distill_probe import sparsegpt_student  # bench/, next to this script
 from pysparse.distill import distill
-from pysparse.models import embed, load_minilm
+from pysparse.models import load_minilm
 from pysparse.pipeline import DISTILL_DEFAULTS, default_texts
 from pysparse.replace import linear_layers
-from pysparse.report import cosine_fidelity, recall_at_k
 
 
 def mask24(w):
@@ -61,16 +60,7 @@ def main():
     a = ap.parse_args()
     teacher, tok = load_minilm()
     held, calib = default_texts("eval", None), default_texts("calib", 128)
-    student = copy.deepcopy(teacher)
-    pysparse.prune(student, pattern="2:4", method="sparsegpt", calib=calib, tokenizer=tok,
-                   progress=False)
-    ref = embed(teacher, tok, held)
-
-    def fidelity(m):
-        with torch.no_grad():
-            e = embed(m, tok, held)
-        return round(cosine_fidelity(ref, e), 5), round(recall_at_k(ref, e, 10), 4)
-
+    student, fidelity = sparsegpt_student(teacher, tok, held, calib)
     print("sparsegpt 2:4 (cosine, recall@10)", fidelity(student), flush=True)
     layers = [m for _, _, _, m, reason in linear_layers(student) if reason is None]
     for m in layers:

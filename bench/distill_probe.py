@@ -23,6 +23,22 @@ from pysparse.pipeline import default_texts
 from pysparse.report import cosine_fidelity, recall_at_k
 
 
+def sparsegpt_student(teacher, tok, held, calib):
+    """A SparseGPT 2:4 copy of ``teacher`` (calibrated on ``calib``) and fidelity(model) ->
+    (mean cosine, recall@10) vs the teacher on the ``held`` texts."""
+    student = copy.deepcopy(teacher)
+    pysparse.prune(student, pattern="2:4", method="sparsegpt", calib=calib, tokenizer=tok,
+                   progress=False)
+    ref = embed(teacher, tok, held)
+
+    def fidelity(m):
+        with torch.no_grad():
+            e = embed(m, tok, held)
+        return round(cosine_fidelity(ref, e), 5), round(recall_at_k(ref, e, 10), 4)
+
+    return student, fidelity
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=600)
@@ -55,16 +71,7 @@ def main():
     else:  # exactly what `pysparse compress --prune sparsegpt --distill` uses
         held, calib, train = (default_texts("eval", None), default_texts("calib", 128),
                               default_texts("train", None))
-    student = copy.deepcopy(teacher)
-    pysparse.prune(student, pattern="2:4", method="sparsegpt", calib=calib, tokenizer=tok,
-                   progress=False)
-    ref = embed(teacher, tok, held)
-
-    def fidelity(m):
-        with torch.no_grad():
-            e = embed(m, tok, held)
-        return round(cosine_fidelity(ref, e), 5), round(recall_at_k(ref, e, 10), 4)
-
+    student, fidelity = sparsegpt_student(teacher, tok, held, calib)
     t0 = time.time()
 
     class Every(TrainerCallback):
