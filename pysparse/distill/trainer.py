@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..formats import int8 as _int8
 from . import losses as L
 
 LOSSES = ("logits", "hidden", "attention", "embedding", "similarity", "neighbours")
@@ -153,9 +154,8 @@ class _TeacherCache:
         x = x.detach().float()
         if not torch.isfinite(x).all():
             return x
-        scale = x.abs().amax(-1, keepdim=True) / 127
-        q = (x / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-127, 127)
-        return q.to(torch.int8), scale
+        scale = _int8.symmetric_scale(x.abs().amax(-1))  # the kernels' per-token int8
+        return _int8.quantize_rows(x, scale), scale.unsqueeze(-1)
 
     @staticmethod
     def _unpack(x, device):
