@@ -78,6 +78,30 @@ def test_hidden_mse_formula_mask_and_projection():
     assert len(list(HiddenProjection(8, 8, 3).parameters())) == 0
 
 
+def test_hidden_mse_relative_weighs_layers_by_the_teachers_scale():
+    sh = [torch.randn(2, 5, 8, requires_grad=True) for _ in range(3)]
+    th = [torch.randn(2, 5, 8) * c for c in (1.0, 7.0, 0.2)]  # layers of very different scale
+    lm = [(0, 0), (1, 1), (2, 2)]
+    mask = torch.ones(2, 5)
+    mask[0, 4:] = 0
+    m = mask.unsqueeze(-1)
+    want = sum((((sh[i] - th[j]) ** 2) * m).sum() / (th[j] ** 2 * m).sum() for i, j in lm) / 3
+    got = hidden_mse(sh, th, lm, mask, relative=True)
+    torch.testing.assert_close(got, want)
+    # scale-free: multiplying one pair (student and teacher) by c leaves its term unchanged,
+    # while its term of the plain MSE grows by c^2
+    sc = [h.detach() * (10.0 if k == 2 else 1.0) for k, h in enumerate(sh)]
+    tc = [h * (10.0 if k == 2 else 1.0) for k, h in enumerate(th)]
+    torch.testing.assert_close(hidden_mse(sc, tc, lm, mask, relative=True), got.detach())
+    plain = [hidden_mse([h.detach() for h in hs][2:], ts[2:], [(0, 0)], mask)
+             for hs, ts in ((sh, th), (sc, tc))]
+    torch.testing.assert_close(plain[1], 100 * plain[0])
+    got.backward()  # the divisor is the teacher's: no gradient needed or taken there
+    assert all(h.grad is not None and torch.isfinite(h.grad).all() for h in sh)
+    zero = [torch.zeros(2, 5, 8)] * 3  # an all-zero teacher state: finite, no division by 0
+    assert torch.isfinite(hidden_mse(sh, zero, lm, mask, relative=True))
+
+
 def test_attention_kl():
     a = torch.softmax(torch.randn(2, 4, 6, 6), -1)
     b = torch.softmax(torch.randn(2, 4, 6, 6), -1)
@@ -291,6 +315,24 @@ def test_distill_student_attention_eager_trains_the_same_and_is_restored(tmp_pat
     with pytest.raises(ValueError, match="student_attention"):
         distill(student, teacher, _Ids(8, 128), output_dir=tmp_path / "c",
                 student_attention="flash")
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_distill_hidden_relative_reaches_the_loss(tmp_path, monkeypatch, relative):
+    from pysparse.distill import losses as L
+    seen, orig = [], L.hidden_mse
+
+    def spy(*a, **k):
+        seen.append(k.get("relative"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(L, "hidden_mse", spy)
+    student, teacher = _pair()
+    res = distill(student, teacher, _Ids(16, 128), output_dir=tmp_path, max_steps=2,
+                  batch_size=8, progress=False, losses={"hidden": 1.0},
+                  hidden_relative=relative)
+    assert res.steps == 2 and seen == [relative] * 2
+    assert math.isfinite(res.losses["hidden"]) and res.losses["hidden"] > 0
 
 
 @pytest.mark.parametrize("cache", [True, False])

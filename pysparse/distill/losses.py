@@ -4,7 +4,9 @@
   (1 - alpha) * cross_entropy(s, labels)``; the T^2 keeps the soft-target gradients at the
   scale of the hard-label ones when T changes. Without labels only the KD term is used.
 * ``hidden_mse``: TinyBERT-style mean squared error between hidden states of mapped layers,
-  through a learned linear projection when the widths differ (``HiddenProjection``).
+  through a learned linear projection when the widths differ (``HiddenProjection``);
+  ``relative=True`` divides each pair's error by the teacher state's mean square, so every
+  mapped layer counts the same whatever its scale.
 * ``attention_kl``: MiniLM / TinyBERT-style KL between the attention distributions of mapped
   layers, per head (or between head-averaged maps when the head counts differ, e.g. after
   head pruning), over the valid (unpadded) query positions.
@@ -99,11 +101,17 @@ def _check_map(layer_map, n_s, n_t, what):
 
 
 def hidden_mse(student_hidden, teacher_hidden, layer_map, mask=None,
-               projection: HiddenProjection | None = None) -> torch.Tensor:
+               projection: HiddenProjection | None = None, relative: bool = False) -> torch.Tensor:
     """Mean over mapped pairs of the MSE between student hidden state i (projected) and teacher
-    hidden state j, over valid tokens. hidden: sequences of [B, S, H]; mask: [B, S] (1 = real)."""
+    hidden state j, over valid tokens. hidden: sequences of [B, S, H]; mask: [B, S] (1 = real).
+
+    relative: each pair's MSE is divided by the mean square of the teacher state over the same
+    tokens (a relative squared error; the divisor carries no gradient). Plain MSE weighs layers
+    by their scale: in MiniLM the last layer, the one that makes the sentence embedding, has
+    ~1/5 of the mean square of the middle layers and so ~1/5 of their weight."""
     _check_map(layer_map, len(student_hidden), len(teacher_hidden), "hidden_mse")
     total = 0.0
+    m = mask.float() if mask is not None else None
     for k, (i, j) in enumerate(layer_map):
         s, t = student_hidden[i].float(), teacher_hidden[j].detach().float()
         if projection is not None:
@@ -113,11 +121,16 @@ def hidden_mse(student_hidden, teacher_hidden, layer_map, mask=None,
                              f"hidden {j} {tuple(t.shape)}; pass a HiddenProjection when the "
                              f"widths differ")
         err = (s - t).pow(2).mean(-1)
-        if mask is not None:
-            m = mask.float()
-            total = total + (err * m).sum() / m.sum().clamp_min(1)
+        scale = t.pow(2).mean(-1) if relative else None
+        if m is not None:
+            err = (err * m).sum() / m.sum().clamp_min(1)
+            if relative:
+                scale = (scale * m).sum() / m.sum().clamp_min(1)
         else:
-            total = total + err.mean()
+            err = err.mean()
+            if relative:
+                scale = scale.mean()
+        total = total + (err / scale.clamp_min(1e-12) if relative else err)
     return total / max(len(layer_map), 1)
 
 

@@ -8,7 +8,7 @@ the loss is the weighted sum of the terms in ``losses`` (pysparse.distill.losses
 * ``"logits"``: KD at ``temperature`` mixed with the hard-label loss by ``alpha`` (when the data
   has labels; models with ``.logits``),
 * ``"hidden"``: MSE of mapped hidden states (``layer_map``; a learned projection when the widths
-  differ),
+  differ; relative to the teacher state's mean square with ``hidden_relative=True``),
 * ``"attention"``: KL of mapped attention maps (switches both models to eager attention, which
   returns the maps),
 * ``"embedding"``: 1 - cosine of the mean-pooled last hidden states (sentence embeddings),
@@ -255,8 +255,9 @@ def _make_trainer_class():
         """Trainer whose loss is the distillation loss against ``self.teacher``."""
 
         def __init__(self, *args, teacher, weights, layer_map, temperature, alpha, cache,
-                     bank=None, bank_temperature=0.05, **kwargs):
+                     bank=None, bank_temperature=0.05, hidden_relative=False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.hidden_relative = hidden_relative
             self.bank, self.bank_temperature = bank, bank_temperature
             self.teacher, self.weights, self.layer_map = teacher, weights, layer_map
             self.cache = cache
@@ -296,7 +297,8 @@ def _make_trainer_class():
                                              mask=mask if s.logits.dim() == 3 else None)
             if self.weights.get("hidden", 0) > 0:
                 parts["hidden"] = L.hidden_mse(s.hidden_states, t.hidden_states, self.layer_map,
-                                               mask, getattr(raw, _PROJ, None))
+                                               mask, getattr(raw, _PROJ, None),
+                                               relative=self.hidden_relative)
             if attn:
                 amap = [(i - 1, j - 1) for i, j in self.layer_map if i > 0 and j > 0]
                 parts["attention"] = L.attention_kl(s.attentions, t.attentions, amap, mask)
@@ -390,7 +392,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
             cache_dtype: str = "fp16",
             dropout: bool = True, student_attention: str | None = "auto", callbacks=(),
             qat: str | None = None, qat_start: float = 0.0, bank_size: int = 4096,
-            bank_temperature: float = 0.05, **training_args) -> DistillResult:
+            bank_temperature: float = 0.05, hidden_relative: bool = False,
+            **training_args) -> DistillResult:
     """Distill ``teacher`` into ``student`` in place (module docstring); returns what was done.
 
     train_data: texts, (text, int label) pairs, or a torch Dataset of tokenized dicts (then
@@ -408,6 +411,9 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
     cache_dtype: "fp16" or "int8" (per-token scales: half the bytes, so twice the texts fit in
     ``cache_gb``, at ~1 % error on each cached hidden state; 25227 texts of MiniLM fit in 6 GiB).
     bank_size / bank_temperature: the anchor queue and temperature of the "neighbours" loss.
+    hidden_relative: the "hidden" loss divides each mapped layer's MSE by the teacher state's
+    mean square (``losses.hidden_mse(relative=True)``), so layers count equally whatever their
+    scale (`pysparse compress --distill` turns it on; bench/RESULTS.md).
     qat: "w8a8" to train the student's linear layers with W8A8 fake-quant
     (``pysparse.prepare_qat``) from ``qat_start`` (a fraction of the run's steps, in [0, 1))
     on, so the last steps learn to absorb the rounding of the int8 model it becomes; the layers
@@ -517,7 +523,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, tokenizer=None, 
                           data_collator=_Collate(tok) if tok is not None else None,
                           callbacks=callbacks, teacher=teacher, weights=dict(losses),
                           layer_map=layer_map, temperature=temperature, alpha=alpha, cache=cache,
-                          bank=bank, bank_temperature=bank_temperature)
+                          bank=bank, bank_temperature=bank_temperature,
+                          hidden_relative=bool(hidden_relative))
     ckpt = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     t0 = time.perf_counter()
     try:
