@@ -84,7 +84,9 @@ def main():
                       f"({moved / groups:.2%}) changed mask", fidelity(model), flush=True)
                 model.train(was)
 
-    opts = {**DISTILL_DEFAULTS, "max_steps": a.steps}
+    # the losses of session 6, when this probe ran (plain hidden MSE, weight 1)
+    opts = {**DISTILL_DEFAULTS, "max_steps": a.steps,
+            "losses": {"embedding": 1.0, "hidden": 1.0}, "hidden_relative": False}
     distill(student, teacher, default_texts("train", None), tok,
             output_dir=tempfile.mkdtemp(prefix="learned24-"), progress=False,
             enforce_masks=False, callbacks=[Shrink()], logging_steps=50,
