@@ -110,8 +110,12 @@ def hidden_mse(student_hidden, teacher_hidden, layer_map, mask=None,
     by their scale: in MiniLM the last layer, the one that makes the sentence embedding, has
     ~1/5 of the mean square of the middle layers and so ~1/5 of their weight."""
     _check_map(layer_map, len(student_hidden), len(teacher_hidden), "hidden_mse")
-    total = 0.0
     m = mask.float() if mask is not None else None
+
+    def token_mean(x):  # mean over the valid tokens of a [B, S] tensor
+        return x.mean() if m is None else (x * m).sum() / m.sum().clamp_min(1)
+
+    total = 0.0
     for k, (i, j) in enumerate(layer_map):
         s, t = student_hidden[i].float(), teacher_hidden[j].detach().float()
         if projection is not None:
@@ -120,17 +124,10 @@ def hidden_mse(student_hidden, teacher_hidden, layer_map, mask=None,
             raise ValueError(f"{_WHO}.hidden_mse: student hidden {i} {tuple(s.shape)} vs teacher "
                              f"hidden {j} {tuple(t.shape)}; pass a HiddenProjection when the "
                              f"widths differ")
-        err = (s - t).pow(2).mean(-1)
-        scale = t.pow(2).mean(-1) if relative else None
-        if m is not None:
-            err = (err * m).sum() / m.sum().clamp_min(1)
-            if relative:
-                scale = (scale * m).sum() / m.sum().clamp_min(1)
-        else:
-            err = err.mean()
-            if relative:
-                scale = scale.mean()
-        total = total + (err / scale.clamp_min(1e-12) if relative else err)
+        err = token_mean((s - t).pow(2).mean(-1))
+        if relative:
+            err = err / token_mean(t.pow(2).mean(-1)).clamp_min(1e-12)
+        total = total + err
     return total / max(len(layer_map), 1)
 
 
